@@ -1,0 +1,202 @@
+"""Find chest X-ray images and their lung masks under a root, and split ids deterministically.
+
+Handles the project's ``images/`` + ``masks/`` layout, the Shenzhen (``*_mask.png``) and
+Montgomery (``ManualMask/leftMask`` + ``rightMask``) originals, the Kaggle "Chest Xray Masks and
+Labels" mix of both, separate image and mask roots, and ``*_mask`` files next to their images.
+Works on local paths and ``s3://`` URIs alike; returned URIs keep the caller's form.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import posixpath
+from collections import Counter, defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass
+from urllib.parse import urlparse
+
+import pyarrow.fs as pafs
+
+from lungseg.storage import is_remote, resolve
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm")
+
+_MASK_DIRS = frozenset({"masks", "mask", "manualmask", "leftmask", "rightmask"})
+_SIDES = ("left", "right")
+_MASK_SUFFIX = "_mask"
+_SUMMARY_IDS = 5
+
+
+class CatalogError(ValueError):
+    """A root that cannot be catalogued: missing, empty, or with clashing or ambiguous files."""
+
+
+@dataclass(frozen=True)
+class Case:
+    """One image and its mask(s).
+
+    ``masks`` is empty (unlabelled), one mask, or a Montgomery ``(left, right)`` pair that is
+    merged downstream by pixel-wise max.
+    """
+
+    id: str
+    image: str
+    masks: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Catalog:
+    """All cases under a root (sorted by id) and the mask files whose image was not found."""
+
+    cases: tuple[Case, ...]
+    orphan_masks: tuple[str, ...]
+
+    @property
+    def labelled(self) -> tuple[Case, ...]:
+        """Cases with at least one mask."""
+        return tuple(c for c in self.cases if c.masks)
+
+    @property
+    def unlabelled(self) -> tuple[Case, ...]:
+        """Cases without a mask."""
+        return tuple(c for c in self.cases if not c.masks)
+
+    def summary(self) -> str:
+        """One line: counts of images, labelled, unlabelled (with a few ids) and orphan masks."""
+        unlabelled = [c.id for c in self.unlabelled]
+        n_labelled = len(self.cases) - len(unlabelled)
+        line = f"{len(self.cases)} images, {n_labelled} with masks, {len(unlabelled)} without"
+        if unlabelled:
+            more = ", ..." if len(unlabelled) > _SUMMARY_IDS else ""
+            line += f" (first few ids: {', '.join(unlabelled[:_SUMMARY_IDS])}{more})"
+        return f"{line}, {len(self.orphan_masks)} masks without an image"
+
+
+@dataclass(frozen=True)
+class _File:
+    uri: str
+    dirs: tuple[str, ...]  # directory components relative to the walked root, lower-cased
+    stem: str
+
+
+def _walk(uri: str, what: str, s3_endpoint: str | None) -> list[_File]:
+    """Every non-hidden file with an image suffix under ``uri``, recursively."""
+    fs, root = resolve(uri, s3_endpoint)
+    kind = fs.get_file_info(root).type
+    if kind == pafs.FileType.NotFound:
+        raise CatalogError(f"{what} root not found: {uri}")
+    if kind != pafs.FileType.Directory:
+        raise CatalogError(f"{what} root is not a directory: {uri}")
+    scheme = urlparse(uri).scheme if is_remote(uri) else None
+    files = []
+    for info in fs.get_file_info(pafs.FileSelector(root, recursive=True)):
+        parts = info.path[len(root) :].lstrip("/").split("/")
+        if info.type != pafs.FileType.File or any(p.startswith(".") for p in parts):
+            continue
+        stem, suffix = posixpath.splitext(parts[-1])
+        if suffix.lower() not in IMAGE_SUFFIXES:
+            continue
+        files.append(
+            _File(
+                uri=f"{scheme}://{info.path}" if scheme else info.path,
+                dirs=tuple(p.lower() for p in parts[:-1]),
+                stem=stem,
+            )
+        )
+    return files
+
+
+def _is_mask_stem(stem: str) -> bool:
+    return stem.lower().endswith(_MASK_SUFFIX)
+
+
+def _mask_id(stem: str) -> str:
+    return stem[: -len(_MASK_SUFFIX)] if _is_mask_stem(stem) else stem
+
+
+def _side(f: _File) -> str | None:
+    """``left``/``right`` for a Montgomery half (innermost ``leftMask``/``rightMask`` dir)."""
+    for d in reversed(f.dirs):
+        if d in ("leftmask", "rightmask"):
+            return d.removesuffix("mask")
+    return None
+
+
+def _pair_masks(case_id: str, masks: list[_File]) -> tuple[str, ...]:
+    """The mask tuple for one image: a single full mask or a complete left+right pair."""
+    by_side = {_side(m): m.uri for m in masks}
+    if len(masks) == 1 and None in by_side:
+        return (masks[0].uri,)
+    if len(masks) == 2 and set(by_side) == set(_SIDES):
+        return tuple(by_side[s] for s in _SIDES)
+    names = ", ".join(sorted(m.uri for m in masks))
+    if len(masks) == 1:
+        raise CatalogError(f"incomplete left/right mask pair for {case_id!r}: only {names}")
+    raise CatalogError(f"ambiguous masks for {case_id!r}: {names}")
+
+
+def find_cases(images: str, masks: str | None = None, s3_endpoint: str | None = None) -> Catalog:
+    """Catalogue the images under ``images`` and pair them with their lung masks.
+
+    With ``masks=None`` a file is a mask when a directory between it and the root is named
+    ``masks``/``mask``/``ManualMask``/``leftMask``/``rightMask`` or its stem ends in ``_mask``
+    (all case-insensitive); otherwise it is an image. With ``masks`` given, every file under it
+    is a mask and every file under ``images`` is an image unless its stem ends in ``_mask``.
+    Ids are image stems and must be unique; a mask's id is its stem without ``_mask``.
+    """
+    image_files: list[_File] = []
+    mask_files: list[_File] = []
+    if masks is None:
+        for f in _walk(images, "images", s3_endpoint):
+            is_mask = _is_mask_stem(f.stem) or any(d in _MASK_DIRS for d in f.dirs)
+            (mask_files if is_mask else image_files).append(f)
+    else:
+        mask_files = _walk(masks, "masks", s3_endpoint)
+        mask_uris = {m.uri for m in mask_files}
+        for f in _walk(images, "images", s3_endpoint):
+            if f.uri in mask_uris:  # the masks root is nested inside the images root
+                continue
+            (mask_files if _is_mask_stem(f.stem) else image_files).append(f)
+    if not image_files:
+        suffixes = ", ".join(IMAGE_SUFFIXES)
+        raise CatalogError(f"no images with suffixes {suffixes} found under {images}")
+
+    by_id: dict[str, list[str]] = defaultdict(list)
+    for f in image_files:
+        by_id[f.stem].append(f.uri)
+    clashes = {i: sorted(u) for i, u in by_id.items() if len(u) > 1}
+    if clashes:
+        listed = "; ".join(f"{i}: {', '.join(u)}" for i, u in sorted(clashes.items()))
+        raise CatalogError(f"image ids (file stems) must be unique, clashing files: {listed}")
+
+    masks_by_id: dict[str, list[_File]] = defaultdict(list)
+    for m in mask_files:
+        masks_by_id[_mask_id(m.stem)].append(m)
+    cases = tuple(
+        Case(id=i, image=u[0], masks=_pair_masks(i, masks_by_id[i]) if i in masks_by_id else ())
+        for i, u in sorted(by_id.items())
+    )
+    orphans = sorted(m.uri for i, ms in masks_by_id.items() if i not in by_id for m in ms)
+    return Catalog(cases=cases, orphan_masks=tuple(orphans))
+
+
+def split_ids(ids: Iterable[str], val_fraction: float) -> tuple[list[str], list[str]]:
+    """Split ids into sorted ``(train, val)`` lists, the same on every run and machine.
+
+    Ids are ranked by the SHA-256 of their UTF-8 bytes and the first ``ceil(val_fraction * n)``
+    go to val, kept within ``[1, n - 1]`` when ``val_fraction > 0`` so train is never empty.
+    """
+    if not 0 <= val_fraction < 1:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction!r}")
+    ids = list(ids)
+    dupes = sorted(i for i, k in Counter(ids).items() if k > 1)
+    if dupes:
+        raise ValueError(f"duplicate ids: {', '.join(dupes)}")
+    n = len(ids)
+    # round() first so that e.g. 0.1 * 30 == 3.0000000000000004 gives 3, not 4
+    n_val = min(math.ceil(round(val_fraction * n, 9)), n - 1) if n else 0
+    if val_fraction > 0 and n >= 2:
+        n_val = max(n_val, 1)
+    ranked = sorted(ids, key=lambda i: hashlib.sha256(i.encode()).hexdigest())
+    return sorted(ranked[n_val:]), sorted(ranked[:n_val])

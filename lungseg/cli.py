@@ -1,0 +1,167 @@
+"""The ``lungseg`` console script: one subcommand per job, each calling one typed function.
+
+``jobs/<name>.py`` hands its arguments to :func:`main`, so ``python jobs/train.py`` and
+``lungseg train`` share this one parser.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+
+from lungseg.config import (
+    DEFAULT_RUN,
+    DEFAULT_SEGMENT_OUTPUT,
+    SAMPLE,
+    ModelConfig,
+    ResourceConfig,
+    SegmentConfig,
+    TrainConfig,
+)
+
+
+def _add_resources(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("resources")
+    group.add_argument(
+        "--preprocess-actors", type=int, default=2, help="OpenCV preprocessing actors (default 2)"
+    )
+    group.add_argument(
+        "--actor-cpus",
+        type=float,
+        default=None,
+        help="CPUs per preprocessing actor (default: half the cluster's CPUs shared among them)",
+    )
+    group.add_argument("--gpu", action="store_true", help="train / segment on GPUs")
+    group.add_argument(
+        "--s3-endpoint",
+        default=None,
+        help="endpoint URL of an S3-compatible store (default: AWS_ENDPOINT_URL or AWS)",
+    )
+
+
+def _resources(args: argparse.Namespace) -> ResourceConfig:
+    return ResourceConfig(
+        preprocess_actors=args.preprocess_actors, actor_cpus=args.actor_cpus, use_gpu=args.gpu
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lungseg", description="Lung-field segmentation of chest X-rays on Ray."
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    train = commands.add_parser(
+        "train",
+        help="train a U-Net on labelled X-rays with Ray Train",
+        description="Train a U-Net on X-rays with lung masks (data-parallel, Ray Train). "
+        "Rerunning with the same --output resumes from its last checkpoint.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    train.add_argument(
+        "--data", default=SAMPLE, help="root with X-rays and masks in any supported layout"
+    )
+    train.add_argument("--masks", default=None, help="separate root of the masks, if any")
+    train.add_argument(
+        "--output", default=DEFAULT_RUN, help="run folder: checkpoints, model.keras, metrics.csv"
+    )
+    train.add_argument("--workers", type=int, default=2, help="Ray Train workers")
+    train.add_argument(
+        "--worker-cpus",
+        type=float,
+        default=None,
+        help="CPUs per train worker (default: half the cluster's CPUs shared among workers)",
+    )
+    train.add_argument("--epochs", type=int, default=30)
+    train.add_argument("--batch-size", type=int, default=8, help="images per worker per step")
+    train.add_argument("--learning-rate", type=float, default=1e-3)
+    train.add_argument(
+        "--val-fraction", type=float, default=0.2, help="share of ids held out (split by id hash)"
+    )
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--size", type=int, default=256, help="model input size in pixels")
+    train.add_argument("--base-filters", type=int, default=16)
+    train.add_argument("--depth", type=int, default=4, help="U-Net poolings")
+    _add_resources(train)
+
+    segment = commands.add_parser(
+        "segment",
+        help="segment a folder or bucket of X-rays into masks + a Parquet table",
+        description="Segment X-rays: a mask PNG per image at its own size under OUTPUT/masks/, "
+        "one row per image in OUTPUT/segmentation.parquet (Dice/IoU where masks are given).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    segment.add_argument("--model", default=f"{DEFAULT_RUN}/model.keras", help=".keras model")
+    segment.add_argument(
+        "--input",
+        default=None,
+        help=f"X-rays to segment (default: the packaged sample, {SAMPLE}/images, with its masks)",
+    )
+    segment.add_argument("--masks", default=None, help="ground-truth masks, for Dice and IoU")
+    segment.add_argument("--output", default=DEFAULT_SEGMENT_OUTPUT, help="output root")
+    segment.add_argument("--batch-size", type=int, default=8)
+    segment.add_argument("--threshold", type=float, default=0.5, help="lung probability cut")
+    segment.add_argument("--segment-actors", type=int, default=1, help="model-serving actors")
+    _add_resources(segment)
+    return parser
+
+
+def _config(args: argparse.Namespace) -> TrainConfig | SegmentConfig:
+    if args.command == "train":
+        return TrainConfig(
+            data=args.data,
+            masks=args.masks,
+            output=args.output,
+            workers=args.workers,
+            worker_cpus=args.worker_cpus,
+            epochs=args.epochs,
+            batch_size=args.batch_size,
+            learning_rate=args.learning_rate,
+            val_fraction=args.val_fraction,
+            seed=args.seed,
+            model=ModelConfig(size=args.size, base_filters=args.base_filters, depth=args.depth),
+            resources=_resources(args),
+            s3_endpoint=args.s3_endpoint,
+        )
+    sample = args.input is None
+    return SegmentConfig(
+        model=args.model,
+        input=f"{SAMPLE}/images" if sample else args.input,
+        masks=f"{SAMPLE}/masks" if sample and args.masks is None else args.masks,
+        output=args.output,
+        batch_size=args.batch_size,
+        threshold=args.threshold,
+        segment_actors=args.segment_actors,
+        resources=_resources(args),
+        s3_endpoint=args.s3_endpoint,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse, start or attach to Ray, run the job, print where its results went."""
+    args = build_parser().parse_args(argv)
+    config = _config(args)
+    os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+    import ray
+
+    ray.init()  # attaches to a cluster when RAY_ADDRESS is set (ray job submit), else local
+    if isinstance(config, TrainConfig):
+        from lungseg.train import run_training
+
+        result = run_training(config)
+        print(f"model: {result.model}")
+        print("last epoch: " + ", ".join(f"{k}={v:.4g}" for k, v in result.metrics.items()))
+        return 0
+    from lungseg.segment import run_segmentation
+
+    result = run_segmentation(config)
+    dice = "n/a" if result.mean_dice is None else f"{result.mean_dice:.4f}"
+    print(f"segmented {result.images} images ({result.failed} failed), mean Dice {dice}")
+    print(f"masks: {result.output}/masks/  table: {result.table}")
+    return 1 if result.failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,61 @@
+"""The U-Net, its loss and its overlap counts. Knows nothing of files or Ray."""
+
+from __future__ import annotations
+
+import keras
+from keras import layers, ops
+
+
+def _conv_block(x, filters: int, name: str):
+    for i in (1, 2):
+        x = layers.Conv2D(filters, 3, padding="same", use_bias=False, name=f"{name}_conv{i}")(x)
+        x = layers.BatchNormalization(name=f"{name}_bn{i}")(x)
+        x = layers.Activation("relu", name=f"{name}_relu{i}")(x)
+    return x
+
+
+def build_unet(
+    size: int = 256, base_filters: int = 16, depth: int = 4, dropout: float = 0.1
+) -> keras.Model:
+    """A U-Net for one-channel ``size`` x ``size`` X-rays with pixel values in [0, 255].
+
+    ``depth`` 2x2 poolings, filters doubling from ``base_filters`` at each level; the output is a
+    per-pixel lung probability of shape ``(size, size, 1)``.
+    """
+    if size % 2**depth:
+        raise ValueError(f"size {size} must be divisible by 2**depth = {2**depth}")
+    inputs = keras.Input((size, size, 1), name="xray")
+    x = layers.Rescaling(1 / 255, name="scale")(inputs)
+    skips = []
+    for level in range(depth):
+        x = _conv_block(x, base_filters * 2**level, f"down{level}")
+        skips.append(x)
+        x = layers.MaxPooling2D(name=f"pool{level}")(x)
+    x = _conv_block(x, base_filters * 2**depth, "bottom")
+    x = layers.Dropout(dropout, name="dropout")(x)
+    for level in reversed(range(depth)):
+        filters = base_filters * 2**level
+        x = layers.Conv2DTranspose(filters, 2, strides=2, padding="same", name=f"up{level}")(x)
+        x = layers.Concatenate(name=f"skip{level}")([x, skips[level]])
+        x = _conv_block(x, filters, f"dec{level}")
+    outputs = layers.Conv2D(1, 1, activation="sigmoid", name="lung")(x)
+    return keras.Model(inputs, outputs, name=f"unet{size}_f{base_filters}_d{depth}")
+
+
+def bce_dice_loss(truth, probability, smooth: float = 1.0):
+    """Per-image loss, shape ``(batch,)``: binary cross-entropy plus (1 - soft Dice)."""
+    truth = ops.cast(truth, probability.dtype)
+    bce = ops.mean(keras.losses.binary_crossentropy(truth, probability), axis=(1, 2))
+    intersection = ops.sum(truth * probability, axis=(1, 2, 3))
+    total = ops.sum(truth, axis=(1, 2, 3)) + ops.sum(probability, axis=(1, 2, 3))
+    return bce + 1.0 - (2.0 * intersection + smooth) / (total + smooth)
+
+
+def overlap_counts(truth, probability, threshold: float = 0.5):
+    """Per-image true positive, false positive and false negative pixel counts, ``(batch, 3)``."""
+    pred = ops.cast(probability >= threshold, "float32")
+    true = ops.cast(truth > 0, "float32")
+    tp = ops.sum(pred * true, axis=(1, 2, 3))
+    return ops.stack(
+        [tp, ops.sum(pred, axis=(1, 2, 3)) - tp, ops.sum(true, axis=(1, 2, 3)) - tp], axis=1
+    )

@@ -1,0 +1,130 @@
+"""Ray Data stages built from imaging.py: the preprocessing actor and the dataset builder."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+import ray
+
+from lungseg import imaging, storage
+from lungseg.catalog import Case
+
+OK, ERROR = "ok", "error"
+
+
+@dataclass(frozen=True)
+class CpuBudget:
+    """CPU shares that let Ray Data actors, their read tasks and train workers share a machine.
+
+    Ray schedules by declared CPUs: on a 2-core laptop, two 1-CPU train workers plus 1-CPU
+    preprocessing actors leave nothing for Ray Data's own tasks and the job hangs silently.
+    """
+
+    worker: float
+    actor: float
+
+    @staticmethod
+    def for_cluster(
+        workers: int, actors: int, worker: float | None = None, actor: float | None = None
+    ) -> CpuBudget:
+        """Half the cluster's CPUs to train workers, the rest shared by actors and Ray's tasks."""
+        total = float(ray.cluster_resources().get("CPU", 1.0))
+        worker = worker if worker is not None else max(0.1, round(total / 2 / max(workers, 1), 2))
+        actor = (
+            actor if actor is not None else max(0.1, round(min(1.0, total / 2 / (actors + 1)), 2))
+        )
+        return CpuBudget(worker=worker, actor=actor)
+
+
+def case_records(cases: tuple[Case, ...] | list[Case]) -> list[dict]:
+    """Catalog cases as rows for ``ray.data.from_items``."""
+    return [{"id": c.id, "source": c.image, "truth": list(c.masks)} for c in cases]
+
+
+class Preprocess:
+    """Ray Data actor: read bytes through pyarrow, decode, grayscale, normalise, resize.
+
+    Output columns: ``id``, ``source``, ``image`` (uint8 size x size), ``mask`` (0/1 uint8 size x
+    size, zeros without truth), ``truth_png`` (the truth at full size as PNG bytes, empty without
+    truth), ``height``, ``width`` (the image's own size), ``status``, ``error``. A failing image
+    becomes a row with ``status == "error"`` and the reason, never an exception.
+    """
+
+    def __init__(self, size: int, s3_endpoint: str | None = None, threads: int = 1) -> None:
+        cv2.setNumThreads(threads)
+        self.size = size
+        self.s3_endpoint = s3_endpoint
+
+    def _one(self, source: str, truth: list[str]) -> dict:
+        image = imaging.load_image(storage.read_bytes(source, self.s3_endpoint), source)
+        row = {
+            "image": imaging.resize_image(image, self.size),
+            "mask": np.zeros((self.size, self.size), np.uint8),
+            "truth_png": b"",
+            "height": image.shape[0],
+            "width": image.shape[1],
+        }
+        if truth:
+            mask = imaging.load_mask(
+                [storage.read_bytes(uri, self.s3_endpoint) for uri in truth], truth
+            )
+            if mask.shape != image.shape:
+                raise ValueError(
+                    f"mask {mask.shape[1]}x{mask.shape[0]} differs from image "
+                    f"{image.shape[1]}x{image.shape[0]}: {', '.join(truth)}"
+                )
+            row["mask"] = imaging.resize_mask(mask, self.size, self.size)
+            row["truth_png"] = imaging.encode_png(mask)
+        return row
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        blank = np.zeros((self.size, self.size), np.uint8)
+        rows = []
+        for source, truth in zip(batch["source"], batch["truth"], strict=True):
+            truth = [str(t) for t in truth]
+            try:
+                rows.append({**self._one(str(source), truth), "status": OK, "error": ""})
+            except Exception as exc:  # a bad image becomes an error row, never a crashed job
+                rows.append(
+                    {
+                        "image": blank,
+                        "mask": blank,
+                        "truth_png": b"",
+                        "height": -1,
+                        "width": -1,
+                        "status": ERROR,
+                        "error": f"{type(exc).__name__}: {exc}",
+                    }
+                )
+        out = {
+            key: np.array([r[key] for r in rows]) for key in ("height", "width", "status", "error")
+        }
+        out["image"] = np.stack([r["image"] for r in rows])
+        out["mask"] = np.stack([r["mask"] for r in rows])
+        out["truth_png"] = np.array([r["truth_png"] for r in rows], dtype=object)
+        out["id"] = batch["id"]
+        out["source"] = batch["source"]
+        out["has_truth"] = np.array([len(t) > 0 for t in batch["truth"]])
+        return out
+
+
+def preprocessed(
+    cases: tuple[Case, ...] | list[Case],
+    size: int,
+    actors: int,
+    actor_cpus: float,
+    s3_endpoint: str | None = None,
+    batch_size: int = 8,
+) -> ray.data.Dataset:
+    """A lazy dataset of preprocessed cases, decoded in a pool of ``actors`` OpenCV actors."""
+    records = case_records(cases)
+    blocks = max(1, min(len(records), actors * 4, -(-len(records) // batch_size)))
+    return ray.data.from_items(records, override_num_blocks=blocks).map_batches(
+        Preprocess,
+        fn_constructor_kwargs={"size": size, "s3_endpoint": s3_endpoint},
+        compute=ray.data.ActorPoolStrategy(size=actors),
+        batch_size=batch_size,
+        num_cpus=actor_cpus,
+    )

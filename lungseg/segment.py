@@ -1,0 +1,195 @@
+"""Batch inference: X-rays -> mask PNGs at each image's own size + one Parquet row per image.
+
+Three overlapping Ray Data stages: OpenCV preprocessing actors, segmenting actors that load the
+model once each (a GPU each when asked), and post-processing tasks that clean the mask, restore
+the image's size, write the PNG and score it against the ground truth when there is one.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import ray
+
+from lungseg import catalog, imaging, pipeline, storage
+from lungseg.config import SegmentConfig
+from lungseg.metrics import confusion
+
+TABLE_FILE = "segmentation.parquet"
+MASKS_DIR = "masks"
+SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("source", pa.string()),
+        ("mask", pa.string()),
+        ("height", pa.int32()),
+        ("width", pa.int32()),
+        ("lung_fraction", pa.float64()),
+        ("tp", pa.int64()),
+        ("fp", pa.int64()),
+        ("fn", pa.int64()),
+        ("dice", pa.float64()),
+        ("iou", pa.float64()),
+        ("status", pa.string()),
+        ("error", pa.string()),
+    ]
+)
+
+
+@dataclass(frozen=True)
+class SegmentResult:
+    """Where the masks and the table went, and how the images fared."""
+
+    output: str
+    table: str
+    images: int
+    failed: int
+    mean_dice: float | None
+
+
+def load_model(uri: str, s3_endpoint: str | None = None):
+    """Load a ``.keras`` model from a path or URI, without its optimizer."""
+    os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+    import keras
+
+    with tempfile.TemporaryDirectory() as folder:
+        local = os.path.join(folder, os.path.basename(uri.rstrip("/")) or "model.keras")
+        with open(local, "wb") as f:
+            f.write(storage.read_bytes(uri, s3_endpoint))
+        return keras.models.load_model(local, compile=False)
+
+
+class Segmenter:
+    """Ray Data actor: one model load, then lung probabilities (uint8, 0-255) per batch."""
+
+    def __init__(self, model: str, s3_endpoint: str | None = None) -> None:
+        self.model = load_model(model, s3_endpoint)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        ok = batch["status"] == pipeline.OK
+        probability = np.zeros(batch["image"].shape, np.uint8)
+        if ok.any():
+            predicted = self.model.predict_on_batch(batch["image"][ok][..., None])[..., 0]
+            probability[ok] = np.rint(np.asarray(predicted) * 255).astype(np.uint8)
+        out = {k: v for k, v in batch.items() if k not in ("image", "mask")}
+        out["probability"] = probability
+        return out
+
+
+def _row(
+    case_id: str, source: str, status: str = pipeline.ERROR, error: str | None = None, **values
+) -> dict:
+    row = dict.fromkeys(SCHEMA.names)
+    row |= {"id": case_id, "source": source, "status": status, "error": error or None, **values}
+    return row
+
+
+def write_masks(
+    batch: dict[str, np.ndarray], output: str, threshold: float, s3_endpoint: str | None
+) -> dict[str, list]:
+    """Ray Data task: post-process, restore size, write each mask PNG, score it; scalars out."""
+    rows = []
+    for i, case_id in enumerate(batch["id"]):
+        case_id, source = str(case_id), str(batch["source"][i])
+        if batch["status"][i] != pipeline.OK:
+            rows.append(_row(case_id, source, error=str(batch["error"][i])))
+            continue
+        try:
+            height, width = int(batch["height"][i]), int(batch["width"][i])
+            small = imaging.postprocess(batch["probability"][i] / 255.0, threshold)
+            mask = imaging.resize_mask(small, height, width)
+            uri = storage.join(output, f"{MASKS_DIR}/{case_id}.png")
+            storage.write_bytes(uri, imaging.encode_png(mask), s3_endpoint)
+            row = _row(
+                case_id,
+                source,
+                pipeline.OK,
+                mask=uri,
+                height=height,
+                width=width,
+                lung_fraction=float(mask.mean()),
+            )
+            if batch["has_truth"][i]:
+                truth = imaging.binarise(imaging.decode(batch["truth_png"][i], "truth"))
+                counts = confusion(mask, truth)
+                row |= {"tp": counts.tp, "fp": counts.fp, "fn": counts.fn}
+                row |= {"dice": counts.dice, "iou": counts.iou}
+            rows.append(row)
+        except Exception as exc:  # a bad image becomes an error row, never a crashed job
+            rows.append(_row(case_id, source, error=f"{type(exc).__name__}: {exc}"))
+    return {name: [row[name] for row in rows] for name in SCHEMA.names}
+
+
+def run_segmentation(config: SegmentConfig) -> SegmentResult:
+    """Segment every image under ``config.input``; masks and the Parquet table go to ``output``."""
+    found = catalog.find_cases(config.input, config.masks, config.s3_endpoint)
+    print(f"catalog: {found.summary()}")
+    res = config.resources
+    budget = pipeline.CpuBudget.for_cluster(
+        config.segment_actors, res.preprocess_actors, None, res.actor_cpus
+    )
+    rows = (
+        pipeline.preprocessed(
+            found.cases,
+            _model_size(config),
+            res.preprocess_actors,
+            budget.actor,
+            config.s3_endpoint,
+            config.batch_size,
+        )
+        .map_batches(
+            Segmenter,
+            fn_constructor_kwargs={"model": config.model, "s3_endpoint": config.s3_endpoint},
+            compute=ray.data.ActorPoolStrategy(size=config.segment_actors),
+            batch_size=config.batch_size,
+            num_cpus=budget.worker,
+            num_gpus=1 if res.use_gpu else 0,
+        )
+        .map_batches(
+            write_masks,
+            fn_kwargs={
+                "output": config.output,
+                "threshold": config.threshold,
+                "s3_endpoint": config.s3_endpoint,
+            },
+            batch_size=config.batch_size,
+            num_cpus=budget.actor,
+        )
+    )
+    table_uri = storage.join(config.output, TABLE_FILE)
+    fs, path = storage.resolve(table_uri, config.s3_endpoint)
+    fs.create_dir(os.path.dirname(path), recursive=True)
+    seen: set[str] = set()
+    failed, dice = 0, []
+    with pq.ParquetWriter(path, SCHEMA, filesystem=fs) as writer:
+        for batch in rows.iter_batches(batch_size=256, batch_format="pyarrow"):
+            table = batch.cast(SCHEMA)
+            seen.update(table["id"].to_pylist())
+            failed += table["status"].to_pylist().count(pipeline.ERROR)
+            dice += [d for d in table["dice"].to_pylist() if d is not None]
+            writer.write_table(table)
+        lost = [case for case in found.cases if case.id not in seen]
+        if lost:
+            failed += len(lost)
+            writer.write_table(
+                pa.Table.from_pylist(
+                    [_row(c.id, c.image, error="lost by the pipeline") for c in lost], SCHEMA
+                )
+            )
+    return SegmentResult(
+        output=config.output,
+        table=table_uri,
+        images=len(found.cases),
+        failed=failed,
+        mean_dice=float(np.mean(dice)) if dice else None,
+    )
+
+
+def _model_size(config: SegmentConfig) -> int:
+    """The model's input size, read from the model file on the driver."""
+    return int(load_model(config.model, config.s3_endpoint).input_shape[1])

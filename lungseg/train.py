@@ -1,0 +1,228 @@
+"""Data-parallel U-Net training on Ray Train: the per-worker loop and ``run_training``.
+
+Why a custom training loop: Keras 3 ``model.fit`` under ``MultiWorkerMirroredStrategy`` fails
+with two or more workers (ray-project/ray#47464, keras-team/keras#20585), and tf-keras ``fit``
+hangs unless every rank saves. ``strategy.run`` around a ``tf.GradientTape`` step is public API,
+correct for any number of workers (the Keras 3 optimizer all-reduces gradients in replica
+context), and leaves saving to rank 0 alone.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import ray
+import ray.train
+from ray.train.tensorflow import TensorflowTrainer
+
+from lungseg import catalog, pipeline, report, storage
+from lungseg.config import TrainConfig
+from lungseg.metrics import Confusion
+
+MODEL_FILE = "model.keras"
+STATE_FILE = "state.json"
+COLUMNS = ["epoch", "loss", "dice", "iou", "val_loss", "val_dice", "val_iou"]
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """Where a finished run put its files, and its last epoch's metrics."""
+
+    run: str
+    model: str
+    metrics: dict
+    history: list[dict]
+
+
+def _image_scores(counts: np.ndarray) -> tuple[float, float]:
+    """Mean per-image Dice and IoU of an ``(n, 3)`` array of tp/fp/fn counts."""
+    cases = [Confusion(*map(int, row)) for row in counts]
+    return float(np.mean([c.dice for c in cases])), float(np.mean([c.iou for c in cases]))
+
+
+def _batches(shard, batch_size: int, shuffle: int | None = None, seed: int | None = None):
+    for batch in shard.iter_batches(
+        batch_size=batch_size,
+        batch_format="numpy",
+        local_shuffle_buffer_size=shuffle,
+        local_shuffle_seed=seed,
+    ):
+        yield batch["image"][..., None], batch["mask"][..., None]
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """One Ray Train worker: build or restore the model, then train, validate, report per epoch."""
+    os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+    import keras
+    import tensorflow as tf
+
+    from lungseg.model import bce_dice_loss, build_unet, overlap_counts
+
+    strategy = tf.distribute.MultiWorkerMirroredStrategy()
+    context = ray.train.get_context()
+    rank = context.get_world_rank()
+    keras.utils.set_random_seed(config["seed"])
+
+    history: list[dict] = []
+    checkpoint = ray.train.get_checkpoint()
+    with strategy.scope():
+        if checkpoint:
+            with checkpoint.as_directory() as folder:
+                model = keras.models.load_model(os.path.join(folder, MODEL_FILE), compile=True)
+                with open(os.path.join(folder, STATE_FILE)) as f:
+                    history = json.load(f)["history"]
+        else:
+            model = build_unet(**config["model"])
+            model.compile(optimizer=keras.optimizers.Adam(config["learning_rate"]))
+        optimizer = model.optimizer
+
+    def step(images, masks):
+        with tf.GradientTape() as tape:
+            probability = model(images, training=True)
+            per_image = bce_dice_loss(masks, probability)
+            loss = tf.nn.compute_average_loss(per_image)
+        gradients = tape.gradient(loss, model.trainable_variables)
+        optimizer.apply_gradients(zip(gradients, model.trainable_variables, strict=True))
+        return tf.reduce_sum(per_image), overlap_counts(masks, probability)
+
+    @tf.function
+    def distributed_step(images, masks):
+        loss_sum, counts = strategy.run(step, args=(images, masks))
+        return (
+            strategy.reduce(tf.distribute.ReduceOp.SUM, loss_sum, axis=None),
+            strategy.gather(counts, axis=0),
+        )
+
+    @tf.function
+    def predict(images):
+        return model(images, training=False)
+
+    train_shard = ray.train.get_dataset_shard("train")
+    val_shard = ray.train.get_dataset_shard("val")
+    batch_size = config["batch_size"]
+    for epoch in range(len(history), config["epochs"]):
+        loss_total, counts = 0.0, []
+        for images, masks in _batches(train_shard, batch_size, 4 * batch_size, epoch):
+            loss_sum, batch_counts = distributed_step(images, masks)
+            loss_total += float(loss_sum)
+            counts.append(batch_counts.numpy())
+        counts = np.concatenate(counts)
+        dice, iou = _image_scores(counts)
+        row = {"epoch": epoch + 1, "loss": loss_total / len(counts), "dice": dice, "iou": iou}
+        if rank == 0:
+            val_loss, val_counts = 0.0, []
+            for images, masks in _batches(val_shard, batch_size):
+                probability = predict(images)
+                val_loss += float(tf.reduce_sum(bce_dice_loss(masks, probability)))
+                val_counts.append(overlap_counts(masks, probability).numpy())
+            if val_counts:
+                val_counts = np.concatenate(val_counts)
+                val_dice, val_iou = _image_scores(val_counts)
+                row |= {"val_loss": val_loss / len(val_counts), "val_dice": val_dice}
+                row |= {"val_iou": val_iou}
+            history.append(row)
+            with tempfile.TemporaryDirectory() as folder:
+                model.save(os.path.join(folder, MODEL_FILE))
+                with open(os.path.join(folder, STATE_FILE), "w") as f:
+                    json.dump({"history": history, "config": config}, f)
+                ray.train.report(row, checkpoint=ray.train.Checkpoint.from_directory(folder))
+        else:
+            history.append(row)
+            ray.train.report(row, checkpoint=None)
+
+
+def _write_outputs(run: str, checkpoint: ray.train.Checkpoint, config: TrainConfig) -> tuple:
+    """Copy the final model and write metrics.csv, curves.png and config.json into the run."""
+    with checkpoint.as_directory() as folder:
+        with open(os.path.join(folder, MODEL_FILE), "rb") as f:
+            model_bytes = f.read()
+        with open(os.path.join(folder, STATE_FILE)) as f:
+            history = json.load(f)["history"]
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=COLUMNS, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(history)
+    model_uri = storage.join(run, MODEL_FILE)
+    storage.write_bytes(model_uri, model_bytes, config.s3_endpoint)
+    storage.write_bytes(
+        storage.join(run, "metrics.csv"), text.getvalue().encode(), config.s3_endpoint
+    )
+    storage.write_bytes(
+        storage.join(run, "config.json"),
+        json.dumps(config.to_dict(), indent=2).encode(),
+        config.s3_endpoint,
+    )
+    storage.write_bytes(
+        storage.join(run, "curves.png"), report.curves_png(history), config.s3_endpoint
+    )
+    return model_uri, history
+
+
+def run_training(config: TrainConfig) -> TrainResult:
+    """Preprocess the labelled cases on Ray Data, train on Ray Train, write the run folder.
+
+    Rerunning with the same ``output`` resumes from the run's last checkpoint.
+    """
+    found = catalog.find_cases(config.data, config.masks, config.s3_endpoint)
+    print(f"catalog: {found.summary()}")
+    labelled = {case.id: case for case in found.labelled}
+    train_ids, val_ids = catalog.split_ids(labelled, config.val_fraction)
+    if not train_ids:
+        raise ValueError(f"no labelled images to train on under {config.data}")
+
+    res = config.resources
+    budget = pipeline.CpuBudget.for_cluster(
+        config.workers, res.preprocess_actors, config.worker_cpus, res.actor_cpus
+    )
+    datasets = {}
+    for name, ids in (("train", train_ids), ("val", val_ids)):
+        data = pipeline.preprocessed(
+            [labelled[i] for i in ids],
+            config.model.size,
+            res.preprocess_actors,
+            budget.actor,
+            config.s3_endpoint,
+        ).materialize()
+        failed = data.filter(lambda row: row["status"] != pipeline.OK).take_all()
+        for row in failed:
+            print(f"skipped {row['id']} ({row['source']}): {row['error']}")
+        datasets[name] = data.filter(lambda row: row["status"] == pipeline.OK).select_columns(
+            ["image", "mask"]
+        )
+    if datasets["train"].count() == 0:
+        raise ValueError(f"none of the {len(train_ids)} training images could be read")
+    print(f"split: {len(train_ids)} train, {len(val_ids)} validation images")
+
+    fs, path = storage.resolve(config.output, config.s3_endpoint)
+    trainer = TensorflowTrainer(
+        train_loop_per_worker,
+        train_loop_config={
+            "model": asdict(config.model),
+            "epochs": config.epochs,
+            "batch_size": config.batch_size,
+            "learning_rate": config.learning_rate,
+            "seed": config.seed,
+        },
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=config.workers,
+            use_gpu=res.use_gpu,
+            resources_per_worker={"CPU": budget.worker},
+        ),
+        datasets=datasets,
+        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+        run_config=ray.train.RunConfig(
+            name=os.path.basename(path),
+            storage_path=os.path.dirname(path),
+            storage_filesystem=fs,
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+        ),
+    )
+    result = trainer.fit()
+    model_uri, history = _write_outputs(config.output, result.checkpoint, config)
+    return TrainResult(run=config.output, model=model_uri, metrics=history[-1], history=history)
