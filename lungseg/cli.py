@@ -74,15 +74,15 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="CPUs per train worker (default: half the cluster's CPUs shared among workers)",
     )
-    train.add_argument("--epochs", type=int, default=30)
+    train.add_argument("--epochs", type=int, default=30, help="epochs to train in all")
     train.add_argument("--batch-size", type=int, default=8, help="images per worker per step")
-    train.add_argument("--learning-rate", type=float, default=1e-3)
+    train.add_argument("--learning-rate", type=float, default=1e-3, help="Adam learning rate")
     train.add_argument(
         "--val-fraction", type=float, default=0.2, help="share of ids held out (split by id hash)"
     )
-    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--seed", type=int, default=0, help="seed of weights and shuffling")
     train.add_argument("--size", type=int, default=256, help="model input size in pixels")
-    train.add_argument("--base-filters", type=int, default=16)
+    train.add_argument("--base-filters", type=int, default=16, help="filters of the first level")
     train.add_argument("--depth", type=int, default=4, help="U-Net poolings")
     _add_resources(train)
 
@@ -101,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     segment.add_argument("--masks", default=None, help="ground-truth masks, for Dice and IoU")
     segment.add_argument("--output", default=DEFAULT_SEGMENT_OUTPUT, help="output root")
-    segment.add_argument("--batch-size", type=int, default=8)
+    segment.add_argument("--batch-size", type=int, default=8, help="images per model call")
     segment.add_argument("--threshold", type=float, default=0.5, help="lung probability cut")
     segment.add_argument("--segment-actors", type=int, default=1, help="model-serving actors")
     _add_resources(segment)

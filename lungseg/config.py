@@ -23,7 +23,7 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class ResourceConfig:
-    """How many Ray actors do what, and with what share of a CPU (None: derived from the cluster)."""
+    """Ray actors per stage and their CPU share (None: derived from the cluster)."""
 
     preprocess_actors: int = 2
     actor_cpus: float | None = None

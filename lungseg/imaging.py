@@ -40,13 +40,14 @@ def to_grayscale(image: np.ndarray) -> np.ndarray:
 def normalise(gray: np.ndarray) -> np.ndarray:
     """Stretch intensities linearly so the darkest pixel is 0 and the brightest 255 (``uint8``).
 
-    The same image at 8 or 16 bits gives the same result; a constant image gives zeros.
+    Integer arithmetic rounding half up, so the same picture at 8 or 16 bits (``x * 257``) gives
+    the identical result; a constant image gives zeros.
     """
-    lo, hi = float(gray.min()), float(gray.max())
+    lo, hi = int(gray.min()), int(gray.max())
     if hi <= lo:
         return np.zeros(gray.shape, np.uint8)
-    scaled = (gray.astype(np.float32) - lo) * (255.0 / (hi - lo))
-    return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
+    span = hi - lo
+    return (((gray.astype(np.int64) - lo) * 510 + span) // (2 * span)).astype(np.uint8)
 
 
 def resize_image(image: np.ndarray, size: int) -> np.ndarray:
@@ -55,10 +56,15 @@ def resize_image(image: np.ndarray, size: int) -> np.ndarray:
 
 
 def binarise(mask: np.ndarray) -> np.ndarray:
-    """A decoded mask file (any dtype or channels) to 0/1: lung where above half the dtype's max."""
+    """A decoded mask file (any dtype or channels) to 0/1.
+
+    Lung is above half the dtype's maximum (128 of 255), except in a mask holding only 0 and 1,
+    where 1 is lung.
+    """
     gray = to_grayscale(mask)
-    half = np.iinfo(gray.dtype).max / 2 if np.issubdtype(gray.dtype, np.integer) else 0.5
-    return (gray > half).astype(np.uint8)
+    if gray.max() <= 1:
+        return (gray > 0).astype(np.uint8)
+    return (gray > np.iinfo(gray.dtype).max / 2).astype(np.uint8)
 
 
 def merge_masks(masks: list[np.ndarray]) -> np.ndarray:

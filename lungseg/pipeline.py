@@ -120,7 +120,8 @@ def preprocessed(
 ) -> ray.data.Dataset:
     """A lazy dataset of preprocessed cases, decoded in a pool of ``actors`` OpenCV actors."""
     records = case_records(cases)
-    blocks = max(1, min(len(records), actors * 4, -(-len(records) // batch_size)))
+    # About one batch per block so that stages downstream start early; capped for huge sets.
+    blocks = max(1, min(-(-len(records) // batch_size), 1000))
     return ray.data.from_items(records, override_num_blocks=blocks).map_batches(
         Preprocess,
         fn_constructor_kwargs={"size": size, "s3_endpoint": s3_endpoint},

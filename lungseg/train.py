@@ -64,6 +64,7 @@ def train_loop_per_worker(config: dict) -> None:
 
     from lungseg.model import bce_dice_loss, build_unet, overlap_counts
 
+    ray.data.DataContext.get_current().enable_progress_bars = False  # one bar per val pass is noise
     strategy = tf.distribute.MultiWorkerMirroredStrategy()
     context = ray.train.get_context()
     rank = context.get_world_rank()
