@@ -4,6 +4,8 @@ Handles the project's ``images/`` + ``masks/`` layout, the Shenzhen (``*_mask.pn
 Montgomery (``ManualMask/leftMask`` + ``rightMask``) originals, the Kaggle "Chest Xray Masks and
 Labels" mix of both, separate image and mask roots, and ``*_mask`` files next to their images.
 Works on local paths and ``s3://`` URIs alike; returned URIs keep the caller's form.
+Images are files with a suffix in ``IMAGE_SUFFIXES``, and files without any suffix (as in PACS
+exports) whose first bytes are a DICOM preamble; a ``DICOMDIR`` index is never an image.
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
 
-from lungseg.storage import is_remote, resolve
+from lungseg.imaging import is_dicom
+from lungseg.storage import explained, file_type, is_remote, resolve
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm")
 
@@ -83,19 +86,23 @@ class _File:
 def _walk(uri: str, what: str, s3_endpoint: str | None) -> list[_File]:
     """Every non-hidden file with an image suffix under ``uri``, recursively."""
     fs, root = resolve(uri, s3_endpoint)
-    kind = fs.get_file_info(root).type
+    kind = file_type(uri, s3_endpoint)
     if kind == pafs.FileType.NotFound:
         raise CatalogError(f"{what} root not found: {uri}")
     if kind != pafs.FileType.Directory:
         raise CatalogError(f"{what} root is not a directory: {uri}")
     scheme = urlparse(uri).scheme if is_remote(uri) else None
     files = []
-    for info in fs.get_file_info(pafs.FileSelector(root, recursive=True)):
+    with explained(uri):
+        listing = fs.get_file_info(pafs.FileSelector(root, recursive=True))
+    for info in listing:
         parts = info.path[len(root) :].lstrip("/").split("/")
         if info.type != pafs.FileType.File or any(p.startswith(".") for p in parts):
             continue
         stem, suffix = posixpath.splitext(parts[-1])
-        if suffix.lower() not in IMAGE_SUFFIXES:
+        if suffix.lower() not in IMAGE_SUFFIXES and not (
+            not suffix and _is_dicom_file(fs, info.path, stem)
+        ):
             continue
         files.append(
             _File(
@@ -105,6 +112,14 @@ def _walk(uri: str, what: str, s3_endpoint: str | None) -> list[_File]:
             )
         )
     return files
+
+
+def _is_dicom_file(fs: pafs.FileSystem, path: str, name: str) -> bool:
+    """True for a DICOM file by its preamble (reads 132 bytes); false for a ``DICOMDIR``."""
+    if name.upper() == "DICOMDIR":
+        return False
+    with fs.open_input_file(path) as f:
+        return is_dicom(f.read(132))
 
 
 def _is_mask_stem(stem: str) -> bool:
@@ -160,7 +175,9 @@ def find_cases(images: str, masks: str | None = None, s3_endpoint: str | None = 
             (mask_files if _is_mask_stem(f.stem) else image_files).append(f)
     if not image_files:
         suffixes = ", ".join(IMAGE_SUFFIXES)
-        raise CatalogError(f"no images with suffixes {suffixes} found under {images}")
+        raise CatalogError(
+            f"no images with suffixes {suffixes} (or suffix-less DICOM) found under {images}"
+        )
 
     by_id: dict[str, list[str]] = defaultdict(list)
     for f in image_files:

@@ -12,9 +12,13 @@ import sys
 from collections.abc import Sequence
 
 from lungseg.config import (
+    DEFAULT_CLEAN_OUTPUT,
     DEFAULT_RUN,
     DEFAULT_SEGMENT_OUTPUT,
+    INVERT_RULES,
     SAMPLE,
+    CleanConfig,
+    CleanParams,
     ModelConfig,
     ResourceConfig,
     SegmentConfig,
@@ -22,7 +26,7 @@ from lungseg.config import (
 )
 
 
-def _add_resources(parser: argparse.ArgumentParser) -> None:
+def _add_resources(parser: argparse.ArgumentParser, gpu: bool = True) -> None:
     group = parser.add_argument_group("resources")
     group.add_argument(
         "--preprocess-actors", type=int, default=2, help="OpenCV preprocessing actors (default 2)"
@@ -33,7 +37,8 @@ def _add_resources(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="CPUs per preprocessing actor (default: half the cluster's CPUs shared among them)",
     )
-    group.add_argument("--gpu", action="store_true", help="train / segment on GPUs")
+    if gpu:
+        group.add_argument("--gpu", action="store_true", help="train / segment on GPUs")
     group.add_argument(
         "--s3-endpoint",
         default=None,
@@ -105,10 +110,93 @@ def build_parser() -> argparse.ArgumentParser:
     segment.add_argument("--threshold", type=float, default=0.5, help="lung probability cut")
     segment.add_argument("--segment-actors", type=int, default=1, help="model-serving actors")
     _add_resources(segment)
+    _add_clean(commands)
     return parser
 
 
-def _config(args: argparse.Namespace) -> TrainConfig | SegmentConfig:
+def _add_clean(commands: argparse._SubParsersAction) -> None:
+    clean = commands.add_parser(
+        "clean",
+        help="clean unlabelled X-rays with OpenCV: Otsu masks, cleaned images, a Parquet table",
+        description="Clean X-rays with OpenCV alone: OUTPUT/cleaned/<id>.png (the image masked "
+        "by its Otsu foreground), OUTPUT/masks/<id>.png, one row per image in "
+        "OUTPUT/cleaning.parquet and OUTPUT/contact_sheet.png of the first images.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    clean.add_argument(
+        "--input",
+        default=None,
+        help=f"X-rays to clean, a folder or s3:// prefix; mask files in it are skipped "
+        f"(default: the packaged sample, {SAMPLE}/images)",
+    )
+    clean.add_argument("--output", default=DEFAULT_CLEAN_OUTPUT, help="output root")
+    clean.add_argument(
+        "--sheet", type=int, default=8, help="images on the contact sheet, first by id (0: none)"
+    )
+    clean.add_argument("--batch-size", type=int, default=8, help="images per actor call")
+    p = CleanParams()
+    steps = clean.add_argument_group("cleaning steps")
+    steps.add_argument("--size", type=int, default=p.size, help="output side in pixels")
+    steps.add_argument(
+        "--blur-kernel", type=int, default=p.blur_kernel, help="odd Gaussian kernel side (1: off)"
+    )
+    steps.add_argument(
+        "--blur-sigma", type=float, default=p.blur_sigma, help="Gaussian sigma (0: from kernel)"
+    )
+    steps.add_argument("--clahe", action="store_true", help="equalise contrast with CLAHE first")
+    steps.add_argument("--clahe-clip", type=float, default=p.clahe_clip, help="CLAHE clip limit")
+    steps.add_argument("--clahe-tile", type=int, default=p.clahe_tile, help="CLAHE tiles per side")
+    steps.add_argument(
+        "--open-kernel",
+        type=int,
+        default=p.open_kernel,
+        help="opening ellipse side, removes specks (0: off)",
+    )
+    steps.add_argument(
+        "--close-kernel",
+        type=int,
+        default=p.close_kernel,
+        help="closing ellipse side, fills small gaps (0: off)",
+    )
+    steps.add_argument(
+        "--invert",
+        choices=INVERT_RULES,
+        default=p.invert,
+        help="invert the Otsu mask: 'border' when most of its 1-pixel border ring is foreground",
+    )
+    _add_resources(clean, gpu=False)
+
+
+def _clean_config(args: argparse.Namespace) -> CleanConfig:
+    try:
+        return CleanConfig(
+            input=f"{SAMPLE}/images" if args.input is None else args.input,
+            output=args.output,
+            params=CleanParams(
+                size=args.size,
+                blur_kernel=args.blur_kernel,
+                blur_sigma=args.blur_sigma,
+                clahe=args.clahe,
+                clahe_clip=args.clahe_clip,
+                clahe_tile=args.clahe_tile,
+                open_kernel=args.open_kernel,
+                close_kernel=args.close_kernel,
+                invert=args.invert,
+            ),
+            sheet=args.sheet,
+            batch_size=args.batch_size,
+            resources=ResourceConfig(
+                preprocess_actors=args.preprocess_actors, actor_cpus=args.actor_cpus
+            ),
+            s3_endpoint=args.s3_endpoint,
+        )
+    except ValueError as exc:  # an impossible setting, e.g. an even kernel
+        sys.exit(f"lungseg clean: error: {exc}")
+
+
+def _config(args: argparse.Namespace) -> TrainConfig | SegmentConfig | CleanConfig:
+    if args.command == "clean":
+        return _clean_config(args)
     if args.command == "train":
         return TrainConfig(
             data=args.data,
@@ -154,6 +242,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"model: {result.model}")
         print("last epoch: " + ", ".join(f"{k}={v:.4g}" for k, v in result.metrics.items()))
         return 0
+    if isinstance(config, CleanConfig):
+        from lungseg.clean import run_cleaning
+
+        cleaned = run_cleaning(config)
+        print(
+            f"cleaned {cleaned.images} images ({cleaned.flagged} flagged, {cleaned.failed} failed)"
+        )
+        print(f"outputs: {cleaned.output}/cleaned/, masks/  table: {cleaned.table}")
+        if cleaned.sheet:
+            print(f"contact sheet: {cleaned.sheet}")
+        return 1 if cleaned.failed else 0
     from lungseg.segment import run_segmentation
 
     result = run_segmentation(config)

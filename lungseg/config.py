@@ -64,3 +64,62 @@ class SegmentConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+DEFAULT_CLEAN_OUTPUT = "out/clean"
+INVERT_RULES = ("border", "never", "always")
+
+
+@dataclass(frozen=True)
+class CleanParams:
+    """Every parameter of OpenCV cleaning (:func:`lungseg.clean.clean_image`).
+
+    ``blur_kernel`` is the odd Gaussian kernel side (1: no blur), ``blur_sigma`` 0 lets OpenCV
+    derive sigma from the kernel; ``clahe_clip``/``clahe_tile`` apply only with ``clahe``;
+    ``open_kernel``/``close_kernel`` are elliptical structuring element sides (0: skip);
+    ``invert`` is ``border`` (invert when most of the border ring is foreground), ``never`` or
+    ``always``.
+    """
+
+    size: int = 256
+    blur_kernel: int = 5
+    blur_sigma: float = 0.0
+    clahe: bool = False
+    clahe_clip: float = 2.0
+    clahe_tile: int = 8
+    open_kernel: int = 5
+    close_kernel: int = 5
+    invert: str = "border"
+
+    def __post_init__(self) -> None:
+        if self.size < 8:
+            raise ValueError(f"size must be at least 8, got {self.size}")
+        if self.blur_kernel < 1 or self.blur_kernel % 2 == 0:
+            raise ValueError(f"blur_kernel must be odd and >= 1, got {self.blur_kernel}")
+        if self.blur_sigma < 0:
+            raise ValueError(f"blur_sigma must be >= 0, got {self.blur_sigma}")
+        if self.clahe_clip <= 0 or self.clahe_tile < 1:
+            raise ValueError("clahe_clip must be > 0 and clahe_tile >= 1")
+        if self.open_kernel < 0 or self.close_kernel < 0:
+            raise ValueError("open_kernel and close_kernel must be >= 0 (0 skips the step)")
+        if self.invert not in INVERT_RULES:
+            rules = ", ".join(INVERT_RULES)
+            raise ValueError(f"invert must be one of {rules}, got {self.invert!r}")
+
+
+@dataclass(frozen=True)
+class CleanConfig:
+    input: str = f"{SAMPLE}/images"
+    output: str = DEFAULT_CLEAN_OUTPUT
+    params: CleanParams = CleanParams()
+    sheet: int = 8
+    batch_size: int = 8
+    resources: ResourceConfig = ResourceConfig()
+    s3_endpoint: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.sheet < 0 or self.batch_size < 1:
+            raise ValueError("sheet must be >= 0 and batch_size >= 1")
+
+    def to_dict(self) -> dict:
+        return asdict(self)

@@ -2,26 +2,163 @@
 
 Conventions: images are 2-D ``uint8`` after :func:`normalise`; masks are 2-D ``uint8`` holding
 0 (background) and 1 (lung); probability maps are 2-D ``float32`` in [0, 1].
+
+Intensity pipeline, the same for every input (8/16-bit PNG, JPEG, DICOM):
+
+1. :func:`decode` gives the picture's values with a larger value meaning brighter. PNG/JPEG:
+   the stored values (8 or 16 bits). DICOM (optional ``pydicom``): the stored values through
+   the modality LUT (Rescale Slope/Intercept or Modality LUT Sequence), then the VOI LUT
+   Sequence or else the first Window Center/Width when the header has one, then negated for
+   MONOCHROME1 so that lungs are dark as in MONOCHROME2.
+2. :func:`to_grayscale` keeps one channel.
+3. :func:`normalise` stretches the darkest value to 0 and the brightest to 255.
+
+No step depends on the bit depth: a linear re-encoding of the same picture (``x * 257`` in a
+16-bit PNG, 12 bits stored, a rescale slope and intercept, MONOCHROME1 inversion) normalises to
+the identical ``uint8`` image, so a 16-bit or DICOM version of an X-ray segments exactly like
+its 8-bit PNG.
 """
 
 from __future__ import annotations
 
+import io
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
 import cv2
 import numpy as np
+
+if TYPE_CHECKING:
+    from pydicom.dataset import Dataset
+
+DICOM_MAGIC = b"DICM"
+"""The four bytes after a DICOM file's 128-byte preamble, whatever the file's name."""
+_DICOM_HEADER = 128 + len(DICOM_MAGIC)
 
 
 class ImageDecodeError(ValueError):
     """Bytes that are not a decodable image."""
 
 
+@dataclass(frozen=True)
+class ImageInfo:
+    """Header fields of a DICOM image; empty strings and NaN when unknown (PNG/JPEG).
+
+    Spacings are the physical distances in mm between adjacent rows and between adjacent
+    columns: Pixel Spacing when present, else Imager Pixel Spacing (at the detector).
+    """
+
+    modality: str = ""
+    view_position: str = ""
+    spacing_row_mm: float = math.nan
+    spacing_col_mm: float = math.nan
+
+
+def is_dicom(data: bytes) -> bool:
+    """True when ``data`` (or just its first 132 bytes) starts like a DICOM file."""
+    return data[128:_DICOM_HEADER] == DICOM_MAGIC
+
+
 def decode(data: bytes, name: str = "image") -> np.ndarray:
-    """Decode PNG/JPEG bytes keeping bit depth and channels (8/16-bit, gray, BGR, BGRA)."""
+    """Decode PNG/JPEG/DICOM bytes keeping bit depth and channels (8/16-bit, gray, BGR, BGRA).
+
+    DICOM is recognised by its preamble, not its name, and comes back as presentation values
+    (see the module docstring): ``float64`` where a rescale gives fractions or a window applies.
+    """
+    return _decode(data, name)[0]
+
+
+def _decode(data: bytes, name: str) -> tuple[np.ndarray, ImageInfo]:
+    """:func:`decode`, and the DICOM header fields (an empty :class:`ImageInfo` for PNG/JPEG)."""
     if not data:
         raise ImageDecodeError(f"{name}: empty file (0 bytes)")
+    if is_dicom(data):
+        dataset = _read_dicom(data, name)
+        return _dicom_pixels(dataset, name), _dicom_info(dataset)
     array = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
     if array is None or array.size == 0:
-        raise ImageDecodeError(f"{name}: not a decodable PNG/JPEG image ({len(data)} bytes)")
-    return array
+        raise ImageDecodeError(f"{name}: not a decodable PNG/JPEG/DICOM image ({len(data)} bytes)")
+    return array, ImageInfo()
+
+
+def _read_dicom(data: bytes, name: str) -> Dataset:
+    """Parse DICOM bytes with pydicom (an optional dependency) into a ``Dataset``."""
+    try:
+        import pydicom
+    except ImportError as exc:
+        raise ImageDecodeError(
+            f'{name}: reading DICOM needs pydicom: pip install "lungseg[dicom]"'
+        ) from exc
+    try:
+        dataset = pydicom.dcmread(io.BytesIO(data))
+    except Exception as exc:
+        raise ImageDecodeError(f"{name}: not a readable DICOM file: {exc}") from exc
+    if "PixelData" not in dataset:
+        raise ImageDecodeError(f"{name}: DICOM file without pixel data")
+    return dataset
+
+
+def _dicom_pixels(dataset: Dataset, name: str) -> np.ndarray:
+    """A DICOM dataset's pixels as presentation values: modality LUT, VOI, MONOCHROME1 flip."""
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut, get_decoder
+
+    syntax = dataset.file_meta.get("TransferSyntaxUID")
+    if syntax is None:
+        raise ImageDecodeError(f"{name}: DICOM file meta without a Transfer Syntax UID")
+    try:
+        decoder = get_decoder(syntax)
+    except NotImplementedError:
+        why = "pydicom cannot decode it"
+    else:
+        plugins = "; ".join(decoder.missing_dependencies)
+        why = "" if decoder.is_available else f"it needs one of: {plugins}"
+    if why:
+        raise ImageDecodeError(
+            f"{name}: unsupported DICOM transfer syntax {syntax} ({syntax.name}): {why}"
+        )
+    frames = int(dataset.get("NumberOfFrames") or 1)
+    if frames != 1:
+        raise ImageDecodeError(f"{name}: multi-frame DICOM ({frames} frames) is not supported")
+    photometric = str(dataset.get("PhotometricInterpretation", "")).strip().upper()
+    try:
+        array = dataset.pixel_array
+        if photometric in ("MONOCHROME1", "MONOCHROME2"):
+            array = apply_modality_lut(array, dataset)
+            if array.dtype.kind == "f" and np.array_equal(array, np.rint(array)):
+                array = array.astype(np.int64)  # a VOI LUT is indexed by whole numbers
+            array = apply_voi_lut(array, dataset)
+    except Exception as exc:
+        raise ImageDecodeError(
+            f"{name}: DICOM pixel data ({syntax.name}) could not be decoded: {exc}"
+        ) from exc
+    if photometric == "MONOCHROME1":
+        return -array.astype(np.float64)  # the lowest value is white; normalise is linear
+    if photometric == "MONOCHROME2":
+        return array
+    if array.ndim == 3 and array.shape[2] == 3:
+        return np.ascontiguousarray(array[:, :, ::-1])  # pydicom gives RGB, OpenCV order is BGR
+    raise ImageDecodeError(f"{name}: unsupported DICOM photometric interpretation {photometric!r}")
+
+
+def _dicom_info(dataset: Dataset) -> ImageInfo:
+    """Modality, view position and pixel spacing (Pixel Spacing, else Imager Pixel Spacing)."""
+    spacing = (math.nan, math.nan)
+    for keyword in ("PixelSpacing", "ImagerPixelSpacing"):
+        values = dataset.get(keyword)
+        try:
+            row, col = (float(v) for v in values)
+        except (TypeError, ValueError):  # absent, empty, not two numbers
+            continue
+        if row > 0 and col > 0 and math.isfinite(row * col):
+            spacing = (row, col)
+            break
+    return ImageInfo(
+        modality=str(dataset.get("Modality") or "").strip(),
+        view_position=str(dataset.get("ViewPosition") or "").strip(),
+        spacing_row_mm=spacing[0],
+        spacing_col_mm=spacing[1],
+    )
 
 
 def to_grayscale(image: np.ndarray) -> np.ndarray:
@@ -40,14 +177,15 @@ def to_grayscale(image: np.ndarray) -> np.ndarray:
 def normalise(gray: np.ndarray) -> np.ndarray:
     """Stretch intensities linearly so the darkest pixel is 0 and the brightest 255 (``uint8``).
 
-    Integer arithmetic rounding half up, so the same picture at 8 or 16 bits (``x * 257``) gives
-    the identical result; a constant image gives zeros.
+    ``(x - lo) * 255 / (hi - lo)`` rounded half up in ``float64``, which is exact for integer
+    values (up to 32 bits): the same picture at 8 or 16 bits (``x * 257``) or after any other
+    exact linear re-encoding gives the identical result. A constant image gives zeros.
     """
-    lo, hi = int(gray.min()), int(gray.max())
-    if hi <= lo:
+    lo, hi = float(gray.min()), float(gray.max())
+    if not hi > lo:
         return np.zeros(gray.shape, np.uint8)
-    span = hi - lo
-    return (((gray.astype(np.int64) - lo) * 510 + span) // (2 * span)).astype(np.uint8)
+    scaled = (gray.astype(np.float64) - lo) * 255.0 / (hi - lo)
+    return np.floor(scaled + 0.5).astype(np.uint8)
 
 
 def resize_image(image: np.ndarray, size: int) -> np.ndarray:
@@ -108,17 +246,28 @@ def postprocess(probability: np.ndarray, threshold: float = 0.5, keep: int = 2) 
     return fill_holes(keep_largest(mask, keep))
 
 
-def encode_png(mask: np.ndarray) -> bytes:
-    """Encode a 0/1 mask as an 8-bit PNG holding 0 and 255."""
-    ok, buffer = cv2.imencode(".png", mask.astype(np.uint8) * 255)
+def encode_image(image: np.ndarray) -> bytes:
+    """Encode an image (8/16-bit, gray or BGR) as PNG, values unchanged."""
+    ok, buffer = cv2.imencode(".png", image)
     if not ok:
         raise ValueError("PNG encoding failed")
     return buffer.tobytes()
 
 
+def encode_png(mask: np.ndarray) -> bytes:
+    """Encode a 0/1 mask as an 8-bit PNG holding 0 and 255."""
+    return encode_image(mask.astype(np.uint8) * 255)
+
+
 def load_image(data: bytes, name: str = "image") -> np.ndarray:
     """Bytes of an X-ray to a normalised 2-D ``uint8`` image at its own size."""
-    return normalise(to_grayscale(decode(data, name)))
+    return load_image_with_info(data, name)[0]
+
+
+def load_image_with_info(data: bytes, name: str = "image") -> tuple[np.ndarray, ImageInfo]:
+    """:func:`load_image`, and the image's DICOM header fields."""
+    pixels, info = _decode(data, name)
+    return normalise(to_grayscale(pixels)), info
 
 
 def load_mask(files: list[bytes], names: list[str]) -> np.ndarray:

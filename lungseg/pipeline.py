@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, fields
 
 import cv2
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import ray
 
 from lungseg import imaging, storage
 from lungseg.catalog import Case
 
 OK, ERROR = "ok", "error"
+INFO_COLUMNS = tuple(f.name for f in fields(imaging.ImageInfo))
+"""Header columns of :class:`Preprocess` output: strings (empty) and float64 (NaN) when unknown."""
 
 
 @dataclass(frozen=True)
@@ -48,8 +54,9 @@ class Preprocess:
 
     Output columns: ``id``, ``source``, ``image`` (uint8 size x size), ``mask`` (0/1 uint8 size x
     size, zeros without truth), ``truth_png`` (the truth at full size as PNG bytes, empty without
-    truth), ``height``, ``width`` (the image's own size), ``status``, ``error``. A failing image
-    becomes a row with ``status == "error"`` and the reason, never an exception.
+    truth), ``height``, ``width`` (the image's own size), the DICOM header's ``INFO_COLUMNS``,
+    ``status``, ``error``. A failing image becomes a row with ``status == "error"`` and the
+    reason, never an exception.
     """
 
     def __init__(self, size: int, s3_endpoint: str | None = None, threads: int = 1) -> None:
@@ -58,8 +65,11 @@ class Preprocess:
         self.s3_endpoint = s3_endpoint
 
     def _one(self, source: str, truth: list[str]) -> dict:
-        image = imaging.load_image(storage.read_bytes(source, self.s3_endpoint), source)
+        image, info = imaging.load_image_with_info(
+            storage.read_bytes(source, self.s3_endpoint), source
+        )
         row = {
+            **asdict(info),
             "image": imaging.resize_image(image, self.size),
             "mask": np.zeros((self.size, self.size), np.uint8),
             "truth_png": b"",
@@ -94,12 +104,14 @@ class Preprocess:
                         "truth_png": b"",
                         "height": -1,
                         "width": -1,
+                        **asdict(imaging.ImageInfo()),
                         "status": ERROR,
                         "error": f"{type(exc).__name__}: {exc}",
                     }
                 )
         out = {
-            key: np.array([r[key] for r in rows]) for key in ("height", "width", "status", "error")
+            key: np.array([r[key] for r in rows])
+            for key in ("height", "width", *INFO_COLUMNS, "status", "error")
         }
         out["image"] = np.stack([r["image"] for r in rows])
         out["mask"] = np.stack([r["mask"] for r in rows])
@@ -119,13 +131,60 @@ def preprocessed(
     batch_size: int = 8,
 ) -> ray.data.Dataset:
     """A lazy dataset of preprocessed cases, decoded in a pool of ``actors`` OpenCV actors."""
-    records = case_records(cases)
-    # About one batch per block so that stages downstream start early; capped for huge sets.
-    blocks = max(1, min(-(-len(records) // batch_size), 1000))
-    return ray.data.from_items(records, override_num_blocks=blocks).map_batches(
+    return case_dataset(cases, batch_size).map_batches(
         Preprocess,
         fn_constructor_kwargs={"size": size, "s3_endpoint": s3_endpoint},
         compute=ray.data.ActorPoolStrategy(size=actors),
         batch_size=batch_size,
         num_cpus=actor_cpus,
     )
+
+
+def case_dataset(cases: Sequence[Case], batch_size: int) -> ray.data.Dataset:
+    """Catalog cases as a dataset of :func:`case_records` rows, about one batch per block.
+
+    One block per batch lets the stages downstream start early (and spreads the work over an
+    actor pool); capped at 1000 blocks for huge sets.
+    """
+    records = case_records(cases)
+    blocks = max(1, min(-(-len(records) // batch_size), 1000))
+    return ray.data.from_items(records, override_num_blocks=blocks)
+
+
+def write_table(
+    rows: ray.data.Dataset,
+    uri: str,
+    schema: pa.Schema,
+    cases: Sequence[Case],
+    s3_endpoint: str | None = None,
+    on_table: Callable[[pa.Table], None] | None = None,
+) -> Counter[str]:
+    """On the driver, stream ``rows`` into ONE Parquet file at ``uri``; count rows by status.
+
+    ``rows`` holds exactly the (scalar) columns of ``schema``, among them ``id``, ``source``,
+    ``status`` and ``error``. Every case whose id never came out of the pipeline gets an
+    ``error`` row "lost by the pipeline", so each case has a row. ``on_table`` sees every table
+    as it is written. The folder of ``uri`` must exist (``storage.check_writable`` makes it).
+    """
+    fs, path = storage.resolve(uri, s3_endpoint)
+    seen: set[str] = set()
+    statuses: Counter[str] = Counter()
+
+    def account(table: pa.Table) -> pa.Table:
+        seen.update(table["id"].to_pylist())
+        statuses.update(table["status"].to_pylist())
+        if on_table is not None:
+            on_table(table)
+        return table
+
+    with pq.ParquetWriter(path, schema, filesystem=fs) as writer:
+        for batch in rows.iter_batches(batch_size=256, batch_format="pyarrow"):
+            writer.write_table(account(batch.cast(schema)))
+        lost = [case for case in cases if case.id not in seen]
+        if lost:
+            why = {"status": ERROR, "error": "lost by the pipeline"}
+            rows_lost = [
+                dict.fromkeys(schema.names) | {"id": c.id, "source": c.image} | why for c in lost
+            ]
+            writer.write_table(account(pa.Table.from_pylist(rows_lost, schema)))
+    return statuses

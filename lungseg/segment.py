@@ -13,7 +13,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import ray
 
 from lungseg import catalog, imaging, pipeline, storage
@@ -29,7 +28,12 @@ SCHEMA = pa.schema(
         ("mask", pa.string()),
         ("height", pa.int32()),
         ("width", pa.int32()),
+        ("modality", pa.string()),
+        ("view_position", pa.string()),
+        ("spacing_row_mm", pa.float64()),
+        ("spacing_col_mm", pa.float64()),
         ("lung_fraction", pa.float64()),
+        ("lung_area_mm2", pa.float64()),
         ("tp", pa.int64()),
         ("fp", pa.int64()),
         ("fn", pa.int64()),
@@ -89,10 +93,26 @@ def _row(
     return row
 
 
+def _header(batch: dict[str, np.ndarray], i: int) -> dict[str, str | float | None]:
+    """Row ``i``'s DICOM header columns, the actor's empty strings and NaN made null."""
+    header: dict[str, str | float | None] = {}
+    for key in pipeline.INFO_COLUMNS:
+        value = batch[key][i]
+        if isinstance(value, float | np.floating):
+            header[key] = None if np.isnan(value) else float(value)
+        else:
+            header[key] = str(value) or None
+    return header
+
+
 def write_masks(
     batch: dict[str, np.ndarray], output: str, threshold: float, s3_endpoint: str | None
 ) -> dict[str, list]:
-    """Ray Data task: post-process, restore size, write each mask PNG, score it; scalars out."""
+    """Ray Data task: post-process, restore size, write each mask PNG, score it; scalars out.
+
+    ``lung_area_mm2`` is the lung pixel count times the pixel area (row x column spacing), null
+    where the spacing is unknown.
+    """
     rows = []
     for i, case_id in enumerate(batch["id"]):
         case_id, source = str(case_id), str(batch["source"][i])
@@ -105,6 +125,7 @@ def write_masks(
             mask = imaging.resize_mask(small, height, width)
             uri = storage.join(output, f"{MASKS_DIR}/{case_id}.png")
             storage.write_bytes(uri, imaging.encode_png(mask), s3_endpoint)
+            header = _header(batch, i)
             row = _row(
                 case_id,
                 source,
@@ -113,7 +134,11 @@ def write_masks(
                 height=height,
                 width=width,
                 lung_fraction=float(mask.mean()),
+                **header,
             )
+            if header["spacing_row_mm"] is not None and header["spacing_col_mm"] is not None:
+                pixel_mm2 = header["spacing_row_mm"] * header["spacing_col_mm"]
+                row["lung_area_mm2"] = int(mask.sum()) * pixel_mm2
             if batch["has_truth"][i]:
                 truth = imaging.binarise(imaging.decode(batch["truth_png"][i], "truth"))
                 counts = confusion(mask, truth)
@@ -127,6 +152,7 @@ def write_masks(
 
 def run_segmentation(config: SegmentConfig) -> SegmentResult:
     """Segment every image under ``config.input``; masks and the Parquet table go to ``output``."""
+    storage.check_writable(config.output, config.s3_endpoint)
     found = catalog.find_cases(config.input, config.masks, config.s3_endpoint)
     print(f"catalog: {found.summary()}")
     res = config.resources
@@ -162,30 +188,20 @@ def run_segmentation(config: SegmentConfig) -> SegmentResult:
         )
     )
     table_uri = storage.join(config.output, TABLE_FILE)
-    fs, path = storage.resolve(table_uri, config.s3_endpoint)
-    fs.create_dir(os.path.dirname(path), recursive=True)
-    seen: set[str] = set()
-    failed, dice = 0, []
-    with pq.ParquetWriter(path, SCHEMA, filesystem=fs) as writer:
-        for batch in rows.iter_batches(batch_size=256, batch_format="pyarrow"):
-            table = batch.cast(SCHEMA)
-            seen.update(table["id"].to_pylist())
-            failed += table["status"].to_pylist().count(pipeline.ERROR)
-            dice += [d for d in table["dice"].to_pylist() if d is not None]
-            writer.write_table(table)
-        lost = [case for case in found.cases if case.id not in seen]
-        if lost:
-            failed += len(lost)
-            writer.write_table(
-                pa.Table.from_pylist(
-                    [_row(c.id, c.image, error="lost by the pipeline") for c in lost], SCHEMA
-                )
-            )
+    dice: list[float] = []
+    statuses = pipeline.write_table(
+        rows,
+        table_uri,
+        SCHEMA,
+        found.cases,
+        config.s3_endpoint,
+        on_table=lambda table: dice.extend(d for d in table["dice"].to_pylist() if d is not None),
+    )
     return SegmentResult(
         output=config.output,
         table=table_uri,
         images=len(found.cases),
-        failed=failed,
+        failed=statuses[pipeline.ERROR],
         mean_dice=float(np.mean(dice)) if dice else None,
     )
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import posixpath
+from contextlib import contextmanager
 from functools import lru_cache
 from urllib.parse import urlparse
 
@@ -16,18 +17,55 @@ def is_remote(uri: str) -> bool:
     return len(scheme) > 1 and scheme != "file"
 
 
+class StorageError(OSError):
+    """A path or URI that cannot be used, with the reason and the URI."""
+
+
+# pyarrow's S3 error codes, in the order they are looked for, and what to tell the user.
+_REASONS = (
+    ("NO_SUCH_BUCKET", "the bucket does not exist"),
+    ("NETWORK_CONNECTION", "the S3 endpoint is unreachable"),
+    ("ACCESS_DENIED", "access denied"),
+    ("INVALID_ACCESS_KEY_ID", "access denied: the access key is not known to the endpoint"),
+    ("SIGNATURE_DOES_NOT_MATCH", "access denied: the secret key does not match"),
+    ("Permission denied", "access denied"),
+)
+
+
+@contextmanager
+def explained(uri: str):
+    """Re-raise filesystem errors inside the block as :class:`StorageError` naming ``uri``."""
+    try:
+        yield
+    except StorageError:
+        raise
+    except OSError as exc:
+        text = str(exc)
+        reason = next((why for code, why in _REASONS if code in text), text)
+        raise StorageError(f"{uri}: {reason}") from exc
+
+
+def endpoint_url(s3_endpoint: str | None = None) -> str | None:
+    """The S3 endpoint in force: the explicit one, else ``AWS_ENDPOINT_URL_S3``/``_URL``."""
+    return (
+        s3_endpoint or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    )
+
+
 @lru_cache(maxsize=8)
 def _s3(endpoint: str | None) -> pafs.S3FileSystem:
-    endpoint = (
-        endpoint or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-    )
-    if not endpoint:
-        return pafs.S3FileSystem()
-    parsed = urlparse(endpoint)
-    return pafs.S3FileSystem(
-        endpoint_override=parsed.netloc or parsed.path,
-        scheme=parsed.scheme or "https",
-    )
+    # Credentials are left to the AWS SDK's default chain (environment, profiles, instance
+    # roles): they never pass through lungseg's arguments, logs or outputs.
+    options = {
+        "connect_timeout": 5,
+        "request_timeout": 60,
+        "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=3),
+    }
+    if endpoint:
+        parsed = urlparse(endpoint)
+        options |= {"endpoint_override": parsed.netloc or parsed.path}
+        options |= {"scheme": parsed.scheme or "https"}
+    return pafs.S3FileSystem(**options)
 
 
 def resolve(uri: str, s3_endpoint: str | None = None) -> tuple[pafs.FileSystem, str]:
@@ -38,7 +76,7 @@ def resolve(uri: str, s3_endpoint: str | None = None) -> tuple[pafs.FileSystem, 
     """
     parsed = urlparse(uri)
     if parsed.scheme == "s3":
-        return _s3(s3_endpoint), f"{parsed.netloc}{parsed.path}".rstrip("/")
+        return _s3(endpoint_url(s3_endpoint)), f"{parsed.netloc}{parsed.path}".rstrip("/")
     if is_remote(uri):
         raise ValueError(
             f"unsupported URI scheme {parsed.scheme!r} in {uri!r} (use a path or s3://)"
@@ -60,13 +98,41 @@ def join(root: str, key: str) -> str:
 def read_bytes(uri: str, s3_endpoint: str | None = None) -> bytes:
     """Read a whole object or file."""
     fs, path = resolve(uri, s3_endpoint)
-    with fs.open_input_stream(path) as f:
+    with explained(uri), fs.open_input_stream(path) as f:
         return f.read()
 
 
 def write_bytes(uri: str, data: bytes, s3_endpoint: str | None = None) -> None:
-    """Write a whole object or file, creating parent directories."""
+    """Write a whole object or file, creating parent directories (not needed on S3)."""
     fs, path = resolve(uri, s3_endpoint)
-    fs.create_dir(posixpath.dirname(path), recursive=True)
-    with fs.open_output_stream(path) as f:
-        f.write(data)
+    with explained(uri):
+        if not isinstance(fs, pafs.S3FileSystem):
+            fs.create_dir(posixpath.dirname(path), recursive=True)
+        with fs.open_output_stream(path) as f:
+            f.write(data)
+
+
+def file_type(uri: str, s3_endpoint: str | None = None) -> pafs.FileType:
+    """What ``uri`` is (file, directory, not found); a missing bucket is a :class:`StorageError`."""
+    fs, path = resolve(uri, s3_endpoint)
+    with explained(uri):
+        kind = fs.get_file_info(path).type
+        bucket = path.split("/")[0]
+        if (
+            kind == pafs.FileType.NotFound
+            and isinstance(fs, pafs.S3FileSystem)
+            and fs.get_file_info(bucket).type == pafs.FileType.NotFound
+        ):
+            raise StorageError(f"{uri}: the bucket does not exist")
+    return kind
+
+
+def check_writable(root: str, s3_endpoint: str | None = None) -> None:
+    """Fail early, naming ``root``, when outputs cannot be written there (probe write + delete)."""
+    probe = join(root, ".lungseg-write-check")
+    fs, path = resolve(probe, s3_endpoint)
+    if isinstance(fs, pafs.S3FileSystem):
+        file_type(root, s3_endpoint)  # a missing bucket is named as such
+    write_bytes(probe, b"", s3_endpoint)
+    with explained(root):
+        fs.delete_file(path)

@@ -170,6 +170,7 @@ def run_training(config: TrainConfig) -> TrainResult:
 
     Rerunning with the same ``output`` resumes from the run's last checkpoint.
     """
+    storage.check_writable(config.output, config.s3_endpoint)
     found = catalog.find_cases(config.data, config.masks, config.s3_endpoint)
     print(f"catalog: {found.summary()}")
     labelled = {case.id: case for case in found.labelled}
@@ -201,6 +202,8 @@ def run_training(config: TrainConfig) -> TrainResult:
     print(f"split: {len(train_ids)} train, {len(val_ids)} validation images")
 
     fs, path = storage.resolve(config.output, config.s3_endpoint)
+    if not os.path.dirname(path):
+        raise ValueError(f"--output must be a folder inside a bucket: {config.output}")
     trainer = TensorflowTrainer(
         train_loop_per_worker,
         train_loop_config={

@@ -165,6 +165,18 @@ def test_normalise_same_at_8_and_16_bits(picture: np.ndarray) -> None:
     np.testing.assert_array_equal(sixteen, eight)
 
 
+@PICTURES
+def test_normalise_float_linear_reencoding_is_exact(picture: np.ndarray) -> None:
+    # float64 values (as a DICOM rescale gives) normalise like the integers they encode, ties
+    # included: 2 x - 1024 is exact in float64.
+    np.testing.assert_array_equal(normalise(picture * 2.0 - 1024.0), normalise(picture))
+
+
+def test_normalise_float_rounds_half_up() -> None:
+    # lo = -1, hi = 1: 0 -> 127.5 -> 128, 0.25 -> 159.375 -> 159
+    assert normalise(np.array([[-1.0, 0.0, 0.25, 1.0]])).tolist() == [[0, 128, 159, 255]]
+
+
 # --- load_image / resize_image ------------------------------------------------------------------
 
 

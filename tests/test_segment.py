@@ -16,15 +16,6 @@ from tests.conftest import SAMPLE_IDS, copy_sample
 pytestmark = [pytest.mark.usefixtures("local_ray"), pytest.mark.timeout(300)]
 
 
-@pytest.fixture(scope="module")
-def model_path(tmp_path_factory) -> str:
-    from lungseg.model import build_unet
-
-    path = tmp_path_factory.mktemp("model") / "model.keras"
-    build_unet(size=64, base_filters=4, depth=2).save(path)
-    return str(path)
-
-
 def test_segment_folder_with_masks(tmp_path, model_path):
     root = copy_sample(tmp_path / "data", SAMPLE_IDS[:4])
     image = cv2.imread(str(root / "images" / f"{SAMPLE_IDS[0]}.png"), cv2.IMREAD_UNCHANGED)

@@ -1,0 +1,331 @@
+"""OpenCV-only cleaning of unlabelled chest X-rays: rough foreground masks by Otsu's threshold.
+
+Array functions (pure NumPy/OpenCV, as in imaging.py) compose into :func:`clean_image`:
+normalise to 8 bits, resize, optional CLAHE, Gaussian denoising, Otsu's threshold, inversion by
+the border rule, opening and closing, and masking of the image. :class:`Cleaner` runs them in a
+pool of Ray Data actors that write ``cleaned/<id>.png`` and ``masks/<id>.png`` under the output
+root and return scalar rows; :func:`run_cleaning` drives those into ``cleaning.parquet`` and
+draws a contact sheet of the first inputs beside their cleaned results.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+import pyarrow as pa
+import ray
+
+from lungseg import catalog, imaging, pipeline, storage
+from lungseg.config import CleanConfig, CleanParams
+
+__all__ = ["CleanParams", "CleanResult", "Cleaner", "clean_image", "run_cleaning"]
+
+TABLE_FILE = "cleaning.parquet"
+SHEET_FILE = "contact_sheet.png"
+CLEANED_DIR = "cleaned"
+MASKS_DIR = "masks"
+FLAGGED = "flagged"
+SHEET_COLUMNS = 4  # input/cleaned pairs per row of the contact sheet
+CAPTION_HEIGHT = 24  # pixels of the caption band above each pair
+GAP = 8  # pixels between pairs
+DEFAULT_PARAMS = CleanParams()
+SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("source", pa.string()),
+        ("cleaned", pa.string()),
+        ("mask", pa.string()),
+        ("height", pa.int32()),
+        ("width", pa.int32()),
+        ("otsu_threshold", pa.float64()),
+        ("inverted", pa.bool_()),
+        ("foreground_fraction", pa.float64()),
+        ("status", pa.string()),
+        ("error", pa.string()),
+    ]
+)
+
+
+class FlaggedImage(ValueError):
+    """An image that decodes but cannot be thresholded meaningfully (e.g. every pixel equal)."""
+
+
+@dataclass(frozen=True)
+class CleanResult:
+    """One cleaned image: ``cleaned`` and ``mask`` are ``size`` x ``size`` ``uint8``."""
+
+    cleaned: np.ndarray  # the normalised, resized image with everything outside the mask set to 0
+    mask: np.ndarray  # 0/1, 1 = foreground
+    threshold: float  # Otsu's threshold on the denoised image (foreground is strictly above it)
+    inverted: bool  # whether the thresholded mask was inverted by the rule
+    foreground_fraction: float  # share of mask pixels that are foreground
+
+
+def check_varies(gray: np.ndarray) -> None:
+    """Raise :class:`FlaggedImage` naming the value when every pixel of ``gray`` is equal.
+
+    ``all-white`` is the integer dtype's maximum; float images (e.g. DICOM) can only be
+    ``all-black`` or ``constant``.
+    """
+    lo, hi = gray.min().item(), gray.max().item()
+    if hi > lo:
+        return
+    top = np.iinfo(gray.dtype).max if np.issubdtype(gray.dtype, np.integer) else None
+    kind = "all-black" if lo == 0 else "all-white" if lo == top else "constant"
+    raise FlaggedImage(f"{kind} image (every pixel is {lo:g}): nothing to threshold")
+
+
+def equalise(image: np.ndarray, clip: float, tile: int) -> np.ndarray:
+    """Contrast-limited adaptive histogram equalisation of a ``uint8`` image."""
+    return cv2.createCLAHE(clipLimit=clip, tileGridSize=(tile, tile)).apply(image)
+
+
+def denoise(image: np.ndarray, kernel: int, sigma: float) -> np.ndarray:
+    """Gaussian blur with an odd ``kernel`` side (1: unchanged); sigma 0 is derived by OpenCV."""
+    return cv2.GaussianBlur(image, (kernel, kernel), sigma)
+
+
+def otsu(image: np.ndarray) -> tuple[float, np.ndarray]:
+    """Otsu's threshold of a ``uint8`` image and its 0/1 mask of pixels strictly above it."""
+    threshold, mask = cv2.threshold(image, 0, 1, cv2.THRESH_BINARY | cv2.THRESH_OTSU)
+    return float(threshold), mask
+
+
+def border_ring(mask: np.ndarray) -> np.ndarray:
+    """The 1-pixel-wide outer ring of a 2-D array, each pixel once (``2h + 2w - 4`` values)."""
+    return np.concatenate([mask[0, :], mask[-1, :], mask[1:-1, 0], mask[1:-1, -1]])
+
+
+def should_invert(mask: np.ndarray, rule: str = "border") -> bool:
+    """Whether to invert a 0/1 mask so that its foreground is the object, not the background.
+
+    ``border``: invert when strictly more than half of the pixels of the 1-pixel-wide border
+    ring (:func:`border_ring`) are foreground, since an object seldom covers most of the image's
+    edge; ``never`` and ``always`` do what they say.
+    """
+    if rule == "never":
+        return False
+    if rule == "always":
+        return True
+    if rule != "border":
+        raise ValueError(f"unknown inversion rule {rule!r}")
+    ring = border_ring(mask)
+    return 2 * int(np.count_nonzero(ring)) > ring.size
+
+
+def morphology(mask: np.ndarray, open_kernel: int, close_kernel: int) -> np.ndarray:
+    """Opening (removes foreground specks) then closing (fills small gaps) of a 0/1 mask.
+
+    Each uses an elliptical structuring element of the given side; 0 (or 1) skips the step.
+    """
+    for op, side in ((cv2.MORPH_OPEN, open_kernel), (cv2.MORPH_CLOSE, close_kernel)):
+        if side > 1:
+            element = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (side, side))
+            mask = cv2.morphologyEx(mask, op, element)
+    return mask
+
+
+def clean_image(gray: np.ndarray, params: CleanParams = DEFAULT_PARAMS) -> CleanResult:
+    """Clean one 2-D grayscale image (8 or 16-bit, any size) into a rough foreground mask.
+
+    1. :func:`check_varies` (a constant image raises :class:`FlaggedImage`);
+    2. :func:`imaging.normalise` to ``uint8`` 0-255, :func:`imaging.resize_image` to ``size``;
+    3. CLAHE when ``params.clahe``; Gaussian denoising (``blur_kernel``, ``blur_sigma``);
+    4. Otsu's threshold: foreground is the denoised pixels strictly above it;
+    5. inversion by ``params.invert``; with ``border`` (the default) the mask is inverted when
+       strictly more than half of its 1-pixel-wide border ring is foreground, so a bright object
+       on a dark background and the same object dark on bright give the same mask;
+    6. opening (``open_kernel``) then closing (``close_kernel``);
+    7. the normalised, resized image (before CLAHE and blur) is kept where the mask is 1.
+    """
+    check_varies(gray)
+    image = imaging.resize_image(imaging.normalise(gray), params.size)
+    smooth = equalise(image, params.clahe_clip, params.clahe_tile) if params.clahe else image
+    threshold, mask = otsu(denoise(smooth, params.blur_kernel, params.blur_sigma))
+    inverted = should_invert(mask, params.invert)
+    if inverted:
+        mask = 1 - mask
+    mask = morphology(mask, params.open_kernel, params.close_kernel)
+    return CleanResult(
+        cleaned=cv2.bitwise_and(image, image, mask=mask),
+        mask=mask,
+        threshold=threshold,
+        inverted=inverted,
+        foreground_fraction=float(np.count_nonzero(mask)) / mask.size,
+    )
+
+
+def clean_one(
+    case_id: str,
+    source: str,
+    output: str,
+    params: CleanParams = DEFAULT_PARAMS,
+    s3_endpoint: str | None = None,
+) -> dict:
+    """Read, clean and write one image; its Parquet row (``SCHEMA``), never an exception.
+
+    ``error`` rows: unreadable or empty files, failed writes. ``flagged`` rows: a constant image
+    (nothing written) or a mask that came out empty or full (files written).
+    """
+    row = dict.fromkeys(SCHEMA.names) | {"id": case_id, "source": source}
+    try:
+        data = storage.read_bytes(source, s3_endpoint)
+        gray = imaging.to_grayscale(imaging.decode(data, source))
+        row |= {"height": gray.shape[0], "width": gray.shape[1]}
+        result = clean_image(gray, params)
+        cleaned = storage.join(output, f"{CLEANED_DIR}/{case_id}.png")
+        mask = storage.join(output, f"{MASKS_DIR}/{case_id}.png")
+        storage.write_bytes(cleaned, imaging.encode_image(result.cleaned), s3_endpoint)
+        storage.write_bytes(mask, imaging.encode_png(result.mask), s3_endpoint)
+    except FlaggedImage as exc:
+        return row | {"status": FLAGGED, "error": str(exc)}
+    except Exception as exc:  # a bad image becomes an error row, never a crashed job
+        return row | {"status": pipeline.ERROR, "error": f"{type(exc).__name__}: {exc}"}
+    row |= {
+        "cleaned": cleaned,
+        "mask": mask,
+        "otsu_threshold": result.threshold,
+        "inverted": result.inverted,
+        "foreground_fraction": result.foreground_fraction,
+        "status": pipeline.OK,
+    }
+    if result.foreground_fraction in (0.0, 1.0):
+        covers = "no pixel" if result.foreground_fraction == 0.0 else "every pixel"
+        row |= {"status": FLAGGED, "error": f"the mask covers {covers} after opening and closing"}
+    return row
+
+
+class Cleaner:
+    """Ray Data actor: clean each image of a batch, write its PNGs, return scalar rows."""
+
+    def __init__(
+        self, output: str, params: CleanParams, s3_endpoint: str | None = None, threads: int = 1
+    ) -> None:
+        cv2.setNumThreads(threads)
+        self.output = output
+        self.params = params
+        self.s3_endpoint = s3_endpoint
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
+        rows = [
+            clean_one(str(i), str(s), self.output, self.params, self.s3_endpoint)
+            for i, s in zip(batch["id"], batch["source"], strict=True)
+        ]
+        return {name: [row[name] for row in rows] for name in SCHEMA.names}
+
+
+def contact_sheet(pairs: Sequence[tuple[str, np.ndarray, np.ndarray]], columns: int) -> np.ndarray:
+    """Captioned ``(caption, left, right)`` pairs of equal ``uint8`` tiles in a grid, as one image.
+
+    ``columns`` pairs per row, :data:`GAP` pixels between pairs, a :data:`CAPTION_HEIGHT` band
+    with the caption above each pair.
+    """
+    size = pairs[0][1].shape[0]
+    cols, rows = min(len(pairs), columns), -(-len(pairs) // columns)
+    cell_w, cell_h = 2 * size, CAPTION_HEIGHT + size
+    sheet = np.full((rows * (cell_h + GAP) - GAP, cols * (cell_w + GAP) - GAP), 96, np.uint8)
+    for k, (caption, left, right) in enumerate(pairs):
+        y, x = (k // columns) * (cell_h + GAP), (k % columns) * (cell_w + GAP)
+        sheet[y : y + CAPTION_HEIGHT, x : x + cell_w] = 0
+        cv2.putText(
+            sheet, caption, (x + 6, y + 17), cv2.FONT_HERSHEY_SIMPLEX, 0.5, 255, 1, cv2.LINE_AA
+        )
+        sheet[y + CAPTION_HEIGHT : y + cell_h, x : x + size] = left
+        sheet[y + CAPTION_HEIGHT : y + cell_h, x + size : x + cell_w] = right
+    return sheet
+
+
+def _tile(uri: str | None, size: int, s3_endpoint: str | None, stretch: bool) -> np.ndarray:
+    """An image file as a ``size`` x ``size`` tile (contrast-stretched if asked); black if absent.
+
+    Unreadable inputs and missing outputs are shown as black tiles: the sheet is for looking at,
+    and the row's status says what went wrong.
+    """
+    if uri is None:
+        return np.zeros((size, size), np.uint8)
+    try:
+        gray = imaging.to_grayscale(imaging.decode(storage.read_bytes(uri, s3_endpoint), uri))
+    except (OSError, ValueError):
+        return np.zeros((size, size), np.uint8)
+    return imaging.resize_image(imaging.normalise(gray) if stretch else gray, size)
+
+
+def write_contact_sheet(
+    rows: Sequence[dict], uri: str, size: int, s3_endpoint: str | None = None
+) -> None:
+    """Each row's input (normalised, as cleaned) beside its cleaned image, captioned with its id.
+
+    A row that is not ``ok`` has its status after the id.
+    """
+    pairs = [
+        (
+            row["id"] if row["status"] == pipeline.OK else f"{row['id']} [{row['status']}]",
+            _tile(row["source"], size, s3_endpoint, stretch=True),
+            _tile(row["cleaned"], size, s3_endpoint, stretch=False),
+        )
+        for row in rows
+    ]
+    storage.write_bytes(uri, imaging.encode_image(contact_sheet(pairs, SHEET_COLUMNS)), s3_endpoint)
+
+
+@dataclass(frozen=True)
+class CleanSummary:
+    """Where the outputs went and how the images fared."""
+
+    output: str
+    table: str
+    sheet: str | None
+    images: int
+    flagged: int
+    failed: int
+
+
+def run_cleaning(config: CleanConfig) -> CleanSummary:
+    """Clean every image under ``config.input`` (mask files are skipped) in OpenCV actors.
+
+    Writes ``cleaned/<id>.png``, ``masks/<id>.png``, one Parquet row per image in
+    ``cleaning.parquet`` and, unless ``config.sheet`` is 0, ``contact_sheet.png`` of the first
+    ``config.sheet`` images by id.
+    """
+    storage.check_writable(config.output, config.s3_endpoint)
+    found = catalog.find_cases(config.input, s3_endpoint=config.s3_endpoint)
+    print(f"catalog: {found.summary()}")
+    res = config.resources
+    budget = pipeline.CpuBudget.for_cluster(0, res.preprocess_actors, None, res.actor_cpus)
+    rows = pipeline.case_dataset(found.cases, config.batch_size).map_batches(
+        Cleaner,
+        fn_constructor_kwargs={
+            "output": config.output,
+            "params": config.params,
+            "s3_endpoint": config.s3_endpoint,
+        },
+        compute=ray.data.ActorPoolStrategy(size=res.preprocess_actors),
+        batch_size=config.batch_size,
+        num_cpus=budget.actor,
+    )
+    first = {case.id for case in found.cases[: config.sheet]}
+    shown: list[dict] = []
+
+    def keep_first(table: pa.Table) -> None:
+        shown.extend(row for row in table.to_pylist() if row["id"] in first)
+
+    table_uri = storage.join(config.output, TABLE_FILE)
+    statuses = pipeline.write_table(
+        rows, table_uri, SCHEMA, found.cases, config.s3_endpoint, on_table=keep_first
+    )
+    sheet_uri = None
+    if shown:
+        sheet_uri = storage.join(config.output, SHEET_FILE)
+        shown.sort(key=lambda row: row["id"])
+        write_contact_sheet(shown, sheet_uri, config.params.size, config.s3_endpoint)
+    return CleanSummary(
+        output=config.output,
+        table=table_uri,
+        sheet=sheet_uri,
+        images=len(found.cases),
+        flagged=statuses[FLAGGED],
+        failed=statuses[pipeline.ERROR],
+    )
