@@ -65,6 +65,19 @@ class Catalog:
         """Cases without a mask."""
         return tuple(c for c in self.cases if not c.masks)
 
+    def select(self, ids: Iterable[str]) -> tuple[Case, ...]:
+        """The cases of ``ids``, in id order; an unknown id is a :class:`CatalogError`."""
+        by_id = {c.id: c for c in self.cases}
+        wanted = sorted(set(ids))
+        missing = [i for i in wanted if i not in by_id]
+        if missing:
+            more = ", ..." if len(missing) > _SUMMARY_IDS else ""
+            raise CatalogError(
+                f"{len(missing)} requested ids are not in the catalog: "
+                f"{', '.join(missing[:_SUMMARY_IDS])}{more}"
+            )
+        return tuple(by_id[i] for i in wanted)
+
     def summary(self) -> str:
         """One line: counts of images, labelled, unlabelled (with a few ids) and orphan masks."""
         unlabelled = [c.id for c in self.unlabelled]

@@ -20,6 +20,7 @@ import ray
 
 from lungseg import catalog, imaging, pipeline, storage
 from lungseg.config import CleanConfig, CleanParams
+from lungseg.report import contact_sheet
 
 __all__ = ["CleanParams", "CleanResult", "Cleaner", "clean_image", "run_cleaning"]
 
@@ -29,8 +30,6 @@ CLEANED_DIR = "cleaned"
 MASKS_DIR = "masks"
 FLAGGED = "flagged"
 SHEET_COLUMNS = 4  # input/cleaned pairs per row of the contact sheet
-CAPTION_HEIGHT = 24  # pixels of the caption band above each pair
-GAP = 8  # pixels between pairs
 DEFAULT_PARAMS = CleanParams()
 SCHEMA = pa.schema(
     [
@@ -217,27 +216,6 @@ class Cleaner:
         return {name: [row[name] for row in rows] for name in SCHEMA.names}
 
 
-def contact_sheet(pairs: Sequence[tuple[str, np.ndarray, np.ndarray]], columns: int) -> np.ndarray:
-    """Captioned ``(caption, left, right)`` pairs of equal ``uint8`` tiles in a grid, as one image.
-
-    ``columns`` pairs per row, :data:`GAP` pixels between pairs, a :data:`CAPTION_HEIGHT` band
-    with the caption above each pair.
-    """
-    size = pairs[0][1].shape[0]
-    cols, rows = min(len(pairs), columns), -(-len(pairs) // columns)
-    cell_w, cell_h = 2 * size, CAPTION_HEIGHT + size
-    sheet = np.full((rows * (cell_h + GAP) - GAP, cols * (cell_w + GAP) - GAP), 96, np.uint8)
-    for k, (caption, left, right) in enumerate(pairs):
-        y, x = (k // columns) * (cell_h + GAP), (k % columns) * (cell_w + GAP)
-        sheet[y : y + CAPTION_HEIGHT, x : x + cell_w] = 0
-        cv2.putText(
-            sheet, caption, (x + 6, y + 17), cv2.FONT_HERSHEY_SIMPLEX, 0.5, 255, 1, cv2.LINE_AA
-        )
-        sheet[y + CAPTION_HEIGHT : y + cell_h, x : x + size] = left
-        sheet[y + CAPTION_HEIGHT : y + cell_h, x + size : x + cell_w] = right
-    return sheet
-
-
 def _tile(uri: str | None, size: int, s3_endpoint: str | None, stretch: bool) -> np.ndarray:
     """An image file as a ``size`` x ``size`` tile (contrast-stretched if asked); black if absent.
 
@@ -263,8 +241,10 @@ def write_contact_sheet(
     pairs = [
         (
             row["id"] if row["status"] == pipeline.OK else f"{row['id']} [{row['status']}]",
-            _tile(row["source"], size, s3_endpoint, stretch=True),
-            _tile(row["cleaned"], size, s3_endpoint, stretch=False),
+            [
+                _tile(row["source"], size, s3_endpoint, stretch=True),
+                _tile(row["cleaned"], size, s3_endpoint, stretch=False),
+            ],
         )
         for row in rows
     ]

@@ -12,7 +12,10 @@ import sys
 from collections.abc import Sequence
 
 from lungseg.config import (
+    BUNDLED_MODEL,
+    BUNDLED_SPLIT,
     DEFAULT_CLEAN_OUTPUT,
+    DEFAULT_EVALUATE_OUTPUT,
     DEFAULT_RUN,
     DEFAULT_SEGMENT_OUTPUT,
     INVERT_RULES,
@@ -20,6 +23,7 @@ from lungseg.config import (
     CleanConfig,
     CleanParams,
     ModelConfig,
+    ReportConfig,
     ResourceConfig,
     SegmentConfig,
     TrainConfig,
@@ -85,10 +89,34 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--val-fraction", type=float, default=0.2, help="share of ids held out (split by id hash)"
     )
+    train.add_argument(
+        "--split",
+        default=None,
+        help=f"JSON file with 'train' and 'val' id lists, instead of --val-fraction (the bundled "
+        f"model's: {BUNDLED_SPLIT})",
+    )
+    train.add_argument(
+        "--no-augment",
+        dest="augment",
+        action="store_false",
+        help="train without random rotation, scaling, shifts, brightness, contrast and gamma",
+    )
+    train.add_argument(
+        "--patience",
+        type=int,
+        default=20,
+        help="stop after this many epochs without a better validation Dice (0: never); "
+        "the run's model.keras is the best epoch's",
+    )
     train.add_argument("--seed", type=int, default=0, help="seed of weights and shuffling")
     train.add_argument("--size", type=int, default=256, help="model input size in pixels")
     train.add_argument("--base-filters", type=int, default=16, help="filters of the first level")
     train.add_argument("--depth", type=int, default=4, help="U-Net poolings")
+    train.add_argument(
+        "--allow-local-output",
+        action="store_true",
+        help="accept a local --output on a multi-node cluster (a path every node mounts, e.g. NFS)",
+    )
     _add_resources(train)
 
     segment = commands.add_parser(
@@ -98,20 +126,68 @@ def build_parser() -> argparse.ArgumentParser:
         "one row per image in OUTPUT/segmentation.parquet (Dice/IoU where masks are given).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    segment.add_argument("--model", default=f"{DEFAULT_RUN}/model.keras", help=".keras model")
-    segment.add_argument(
+    _add_segment_arguments(segment, DEFAULT_SEGMENT_OUTPUT)
+    _add_resources(segment)
+
+    evaluate = commands.add_parser(
+        "evaluate",
+        help="score a model on labelled X-rays: the segment outputs plus summary.json",
+        description="Segment labelled X-rays and write, besides OUTPUT/masks/ and "
+        "OUTPUT/segmentation.parquet, OUTPUT/summary.json: mean/median/min Dice and IoU "
+        "overall and per dataset (the id's prefix, e.g. MCUCXR, CHNCXR) and the worst ids.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    _add_segment_arguments(evaluate, DEFAULT_EVALUATE_OUTPUT)
+    evaluate.add_argument(
+        "--split",
+        default=None,
+        help=f"JSON file of id lists: evaluate only those of --subset (the bundled model's "
+        f"split: {BUNDLED_SPLIT})",
+    )
+    evaluate.add_argument(
+        "--subset", default="val", help="which list of the --split file to evaluate"
+    )
+    _add_resources(evaluate)
+
+    export = commands.add_parser(
+        "export",
+        help="export a .keras model as a TensorFlow SavedModel for serving",
+        description="Write a TensorFlow SavedModel (signature 'serve': float32 X-rays "
+        "(batch, size, size, 1) in [0, 255] -> lung probabilities) of a .keras model.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    export.add_argument("--model", default=BUNDLED_MODEL, help=".keras model to export")
+    export.add_argument("--output", required=True, help="folder of the SavedModel (path or s3://)")
+    export.add_argument(
+        "--s3-endpoint", default=None, help="endpoint URL of an S3-compatible store"
+    )
+    _add_clean(commands)
+    _add_report(commands)
+    return parser
+
+
+def _add_segment_arguments(parser: argparse.ArgumentParser, output: str) -> None:
+    parser.add_argument(
+        "--model",
+        default=BUNDLED_MODEL,
+        help=".keras model (default: the bundled pretrained U-Net)",
+    )
+    parser.add_argument(
         "--input",
         default=None,
         help=f"X-rays to segment (default: the packaged sample, {SAMPLE}/images, with its masks)",
     )
-    segment.add_argument("--masks", default=None, help="ground-truth masks, for Dice and IoU")
-    segment.add_argument("--output", default=DEFAULT_SEGMENT_OUTPUT, help="output root")
-    segment.add_argument("--batch-size", type=int, default=8, help="images per model call")
-    segment.add_argument("--threshold", type=float, default=0.5, help="lung probability cut")
-    segment.add_argument("--segment-actors", type=int, default=1, help="model-serving actors")
-    _add_resources(segment)
-    _add_clean(commands)
-    return parser
+    parser.add_argument("--masks", default=None, help="ground-truth masks, for Dice and IoU")
+    parser.add_argument("--output", default=output, help="output root")
+    parser.add_argument("--batch-size", type=int, default=8, help="images per model call")
+    parser.add_argument("--threshold", type=float, default=0.5, help="lung probability cut")
+    parser.add_argument("--segment-actors", type=int, default=1, help="model-serving actors")
+    parser.add_argument(
+        "--overlays",
+        action="store_true",
+        help="also write OUTPUT/overlays/<id>.png: the X-ray (longest side 512) with the "
+        "predicted outline and, where a ground truth exists, agreement colours",
+    )
 
 
 def _add_clean(commands: argparse._SubParsersAction) -> None:
@@ -167,6 +243,31 @@ def _add_clean(commands: argparse._SubParsersAction) -> None:
     _add_resources(clean, gpu=False)
 
 
+def _add_report(commands: argparse._SubParsersAction) -> None:
+    report = commands.add_parser(
+        "report",
+        help="an HTML report of a segment job's output: summary, histogram, worst/best, table",
+        description="Write OUTPUT/report.html and its pictures in OUTPUT/report/ from "
+        "OUTPUT/segmentation.parquet: summary numbers, a Dice histogram, contact sheets of the "
+        "worst and best images and a sortable table of every image. No Ray, no server.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    report.add_argument(
+        "output", nargs="?", default=DEFAULT_SEGMENT_OUTPUT, help="a segment job's output root"
+    )
+    report.add_argument(
+        "--run", default=None, help="training run folder: adds the curves of its metrics.csv"
+    )
+    report.add_argument(
+        "--sheet", type=int, default=8, help="images on each of the worst and best sheets"
+    )
+    report.add_argument(
+        "--s3-endpoint",
+        default=None,
+        help="endpoint URL of an S3-compatible store (default: AWS_ENDPOINT_URL or AWS)",
+    )
+
+
 def _clean_config(args: argparse.Namespace) -> CleanConfig:
     try:
         return CleanConfig(
@@ -194,9 +295,18 @@ def _clean_config(args: argparse.Namespace) -> CleanConfig:
         sys.exit(f"lungseg clean: error: {exc}")
 
 
-def _config(args: argparse.Namespace) -> TrainConfig | SegmentConfig | CleanConfig:
+def _config(
+    args: argparse.Namespace,
+) -> TrainConfig | SegmentConfig | CleanConfig | ReportConfig:
     if args.command == "clean":
         return _clean_config(args)
+    if args.command == "report":
+        try:
+            return ReportConfig(
+                output=args.output, run=args.run, sheet=args.sheet, s3_endpoint=args.s3_endpoint
+            )
+        except ValueError as exc:  # a negative --sheet
+            sys.exit(f"lungseg report: error: {exc}")
     if args.command == "train":
         return TrainConfig(
             data=args.data,
@@ -208,10 +318,14 @@ def _config(args: argparse.Namespace) -> TrainConfig | SegmentConfig | CleanConf
             batch_size=args.batch_size,
             learning_rate=args.learning_rate,
             val_fraction=args.val_fraction,
+            split=args.split,
+            augment=args.augment,
+            patience=args.patience,
             seed=args.seed,
             model=ModelConfig(size=args.size, base_filters=args.base_filters, depth=args.depth),
             resources=_resources(args),
             s3_endpoint=args.s3_endpoint,
+            allow_local_output=args.allow_local_output,
         )
     sample = args.input is None
     return SegmentConfig(
@@ -224,13 +338,25 @@ def _config(args: argparse.Namespace) -> TrainConfig | SegmentConfig | CleanConf
         segment_actors=args.segment_actors,
         resources=_resources(args),
         s3_endpoint=args.s3_endpoint,
+        overlays=args.overlays,
     )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse, start or attach to Ray, run the job, print where its results went."""
     args = build_parser().parse_args(argv)
+    if args.command == "export":  # TensorFlow only: no Ray
+        from lungseg.export import export_saved_model
+
+        print(f"SavedModel: {export_saved_model(args.model, args.output, args.s3_endpoint)}")
+        return 0
     config = _config(args)
+    if isinstance(config, ReportConfig):  # pictures and HTML only: no Ray
+        from lungseg.report import run_report
+
+        report = run_report(config)
+        print(f"report of {report.images} images ({report.failed} failed): {report.html}")
+        return 0
     os.environ.setdefault("KERAS_BACKEND", "tensorflow")
     import ray
 
@@ -253,12 +379,29 @@ def main(argv: Sequence[str] | None = None) -> int:
         if cleaned.sheet:
             print(f"contact sheet: {cleaned.sheet}")
         return 1 if cleaned.failed else 0
+    if args.command == "evaluate":
+        from lungseg.evaluate import run_evaluation
+
+        summary = run_evaluation(config, args.split, args.subset)
+        for name, stats in {"all": summary["overall"], **summary["datasets"]}.items():
+            dice, iou = stats["dice"] or {}, stats["iou"] or {}
+            print(
+                f"{name:8s} images {stats['images']:4d} scored {stats['scored']:4d}  "
+                f"Dice mean {dice.get('mean', float('nan')):.4f} "
+                f"median {dice.get('median', float('nan')):.4f} "
+                f"min {dice.get('min', float('nan')):.4f}  "
+                f"IoU mean {iou.get('mean', float('nan')):.4f}"
+            )
+        print(f"summary: {config.output}/summary.json  failed: {len(summary['failed'])}")
+        return 1 if summary["failed"] else 0
     from lungseg.segment import run_segmentation
 
     result = run_segmentation(config)
     dice = "n/a" if result.mean_dice is None else f"{result.mean_dice:.4f}"
     print(f"segmented {result.images} images ({result.failed} failed), mean Dice {dice}")
     print(f"masks: {result.output}/masks/  table: {result.table}")
+    if config.overlays:
+        print(f"overlays: {result.output}/overlays/")
     return 1 if result.failed else 0
 
 

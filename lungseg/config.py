@@ -8,8 +8,14 @@ from importlib.resources import files
 SAMPLE = str(files("lungseg") / "sample")
 """The 16 Montgomery X-rays with masks packaged with lungseg: every job's default input."""
 
+BUNDLED_MODEL = str(files("lungseg") / "models" / "lungseg-unet256.keras")
+"""The pretrained U-Net packaged with lungseg (see the README's model card): segment's default."""
+BUNDLED_SPLIT = str(files("lungseg") / "models" / "split.json")
+"""The train/validation split of the 604 cxr-lungs ids that the bundled model was trained on."""
+
 DEFAULT_RUN = "runs/lungseg"
 DEFAULT_SEGMENT_OUTPUT = "out/segment"
+DEFAULT_EVALUATE_OUTPUT = "out/evaluate"
 
 
 @dataclass(frozen=True)
@@ -41,10 +47,14 @@ class TrainConfig:
     batch_size: int = 8
     learning_rate: float = 1e-3
     val_fraction: float = 0.2
+    split: str | None = None  # JSON {"train": [ids], "val": [ids]} instead of val_fraction
+    augment: bool = True
+    patience: int = 20  # epochs without a better validation Dice before stopping (0: never)
     seed: int = 0
     model: ModelConfig = ModelConfig()
     resources: ResourceConfig = ResourceConfig()
     s3_endpoint: str | None = None
+    allow_local_output: bool = False
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -52,7 +62,7 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class SegmentConfig:
-    model: str = f"{DEFAULT_RUN}/model.keras"
+    model: str = BUNDLED_MODEL
     input: str = f"{SAMPLE}/images"
     masks: str | None = None
     output: str = DEFAULT_SEGMENT_OUTPUT
@@ -61,6 +71,8 @@ class SegmentConfig:
     segment_actors: int = 1
     resources: ResourceConfig = ResourceConfig()
     s3_endpoint: str | None = None
+    overlays: bool = False
+    ids: tuple[str, ...] | None = None  # only these ids of the catalog (evaluate's split)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -123,3 +135,21 @@ class CleanConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+@dataclass(frozen=True)
+class ReportConfig:
+    """Settings of ``lungseg report``.
+
+    ``output`` is a segment job's output root, ``run`` a training run folder whose curves to
+    show (optional), ``sheet`` the images on each of the worst and best contact sheets.
+    """
+
+    output: str = DEFAULT_SEGMENT_OUTPUT
+    run: str | None = None
+    sheet: int = 8
+    s3_endpoint: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.sheet < 0:
+            raise ValueError(f"sheet must be >= 0, got {self.sheet}")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import keras
 from keras import layers, ops
 
@@ -59,3 +61,8 @@ def overlap_counts(truth, probability, threshold: float = 0.5):
     return ops.stack(
         [tp, ops.sum(pred, axis=(1, 2, 3)) - tp, ops.sum(true, axis=(1, 2, 3)) - tp], axis=1
     )
+
+
+def cosine_learning_rate(base: float, epoch: int, epochs: int) -> float:
+    """Cosine decay from ``base`` at the first epoch towards 0 after the last."""
+    return base * 0.5 * (1 + math.cos(math.pi * epoch / epochs))

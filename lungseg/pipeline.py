@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
 
-from lungseg import imaging, storage
+from lungseg import imaging, report, storage
 from lungseg.catalog import Case
 
 OK, ERROR = "ok", "error"
@@ -55,14 +55,18 @@ class Preprocess:
     Output columns: ``id``, ``source``, ``image`` (uint8 size x size), ``mask`` (0/1 uint8 size x
     size, zeros without truth), ``truth_png`` (the truth at full size as PNG bytes, empty without
     truth), ``height``, ``width`` (the image's own size), the DICOM header's ``INFO_COLUMNS``,
-    ``status``, ``error``. A failing image becomes a row with ``status == "error"`` and the
-    reason, never an exception.
+    ``status``, ``error``; with ``display`` > 0 also ``display_png``, the normalised image
+    shrunk to at most ``display`` pixels a side as PNG bytes (empty on error), for overlays. A
+    failing image becomes a row with ``status == "error"`` and the reason, never an exception.
     """
 
-    def __init__(self, size: int, s3_endpoint: str | None = None, threads: int = 1) -> None:
+    def __init__(
+        self, size: int, s3_endpoint: str | None = None, threads: int = 1, display: int = 0
+    ) -> None:
         cv2.setNumThreads(threads)
         self.size = size
         self.s3_endpoint = s3_endpoint
+        self.display = display
 
     def _one(self, source: str, truth: list[str]) -> dict:
         image, info = imaging.load_image_with_info(
@@ -76,6 +80,8 @@ class Preprocess:
             "height": image.shape[0],
             "width": image.shape[1],
         }
+        if self.display:
+            row["display_png"] = imaging.encode_image(report.downscale(image, self.display))
         if truth:
             mask = imaging.load_mask(
                 [storage.read_bytes(uri, self.s3_endpoint) for uri in truth], truth
@@ -102,6 +108,7 @@ class Preprocess:
                         "image": blank,
                         "mask": blank,
                         "truth_png": b"",
+                        "display_png": b"",
                         "height": -1,
                         "width": -1,
                         **asdict(imaging.ImageInfo()),
@@ -116,6 +123,8 @@ class Preprocess:
         out["image"] = np.stack([r["image"] for r in rows])
         out["mask"] = np.stack([r["mask"] for r in rows])
         out["truth_png"] = np.array([r["truth_png"] for r in rows], dtype=object)
+        if self.display:
+            out["display_png"] = np.array([r["display_png"] for r in rows], dtype=object)
         out["id"] = batch["id"]
         out["source"] = batch["source"]
         out["has_truth"] = np.array([len(t) > 0 for t in batch["truth"]])
@@ -129,11 +138,15 @@ def preprocessed(
     actor_cpus: float,
     s3_endpoint: str | None = None,
     batch_size: int = 8,
+    display: int = 0,
 ) -> ray.data.Dataset:
-    """A lazy dataset of preprocessed cases, decoded in a pool of ``actors`` OpenCV actors."""
+    """A lazy dataset of preprocessed cases, decoded in a pool of ``actors`` OpenCV actors.
+
+    ``display`` > 0 adds the ``display_png`` column (see :class:`Preprocess`).
+    """
     return case_dataset(cases, batch_size).map_batches(
         Preprocess,
-        fn_constructor_kwargs={"size": size, "s3_endpoint": s3_endpoint},
+        fn_constructor_kwargs={"size": size, "s3_endpoint": s3_endpoint, "display": display},
         compute=ray.data.ActorPoolStrategy(size=actors),
         batch_size=batch_size,
         num_cpus=actor_cpus,

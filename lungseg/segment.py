@@ -2,7 +2,8 @@
 
 Three overlapping Ray Data stages: OpenCV preprocessing actors, segmenting actors that load the
 model once each (a GPU each when asked), and post-processing tasks that clean the mask, restore
-the image's size, write the PNG and score it against the ground truth when there is one.
+the image's size, write the PNG and score it against the ground truth when there is one, and
+with ``overlays`` draw the X-ray's overlay (:func:`lungseg.report.overlay`) there too.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import numpy as np
 import pyarrow as pa
 import ray
 
-from lungseg import catalog, imaging, pipeline, storage
+from lungseg import catalog, imaging, pipeline, report, storage
 from lungseg.config import SegmentConfig
 from lungseg.metrics import confusion
 
@@ -26,6 +27,7 @@ SCHEMA = pa.schema(
         ("id", pa.string()),
         ("source", pa.string()),
         ("mask", pa.string()),
+        ("overlay", pa.string()),
         ("height", pa.int32()),
         ("width", pa.int32()),
         ("modality", pa.string()),
@@ -105,13 +107,31 @@ def _header(batch: dict[str, np.ndarray], i: int) -> dict[str, str | float | Non
     return header
 
 
+def _write_overlay(
+    display_png: bytes,
+    mask: np.ndarray,
+    truth: np.ndarray | None,
+    uri: str,
+    s3_endpoint: str | None,
+) -> None:
+    """Draw the overlay on the display copy of the X-ray (masks resized to it), write it."""
+    display = imaging.decode(display_png, "display copy")
+    masks = [None if m is None else imaging.resize_mask(m, *display.shape) for m in (mask, truth)]
+    storage.write_bytes(uri, imaging.encode_image(report.overlay(display, *masks)), s3_endpoint)
+
+
 def write_masks(
-    batch: dict[str, np.ndarray], output: str, threshold: float, s3_endpoint: str | None
+    batch: dict[str, np.ndarray],
+    output: str,
+    threshold: float,
+    s3_endpoint: str | None,
+    overlays: bool = False,
 ) -> dict[str, list]:
     """Ray Data task: post-process, restore size, write each mask PNG, score it; scalars out.
 
     ``lung_area_mm2`` is the lung pixel count times the pixel area (row x column spacing), null
-    where the spacing is unknown.
+    where the spacing is unknown. With ``overlays`` (the batch then has ``display_png``), each
+    image's overlay goes to ``overlays/<id>.png``.
     """
     rows = []
     for i, case_id in enumerate(batch["id"]):
@@ -139,11 +159,15 @@ def write_masks(
             if header["spacing_row_mm"] is not None and header["spacing_col_mm"] is not None:
                 pixel_mm2 = header["spacing_row_mm"] * header["spacing_col_mm"]
                 row["lung_area_mm2"] = int(mask.sum()) * pixel_mm2
+            truth = None
             if batch["has_truth"][i]:
                 truth = imaging.binarise(imaging.decode(batch["truth_png"][i], "truth"))
                 counts = confusion(mask, truth)
                 row |= {"tp": counts.tp, "fp": counts.fp, "fn": counts.fn}
                 row |= {"dice": counts.dice, "iou": counts.iou}
+            if overlays:
+                row["overlay"] = storage.join(output, f"{report.OVERLAYS_DIR}/{case_id}.png")
+                _write_overlay(batch["display_png"][i], mask, truth, row["overlay"], s3_endpoint)
             rows.append(row)
         except Exception as exc:  # a bad image becomes an error row, never a crashed job
             rows.append(_row(case_id, source, error=f"{type(exc).__name__}: {exc}"))
@@ -155,18 +179,20 @@ def run_segmentation(config: SegmentConfig) -> SegmentResult:
     storage.check_writable(config.output, config.s3_endpoint)
     found = catalog.find_cases(config.input, config.masks, config.s3_endpoint)
     print(f"catalog: {found.summary()}")
+    cases = found.cases if config.ids is None else found.select(config.ids)
     res = config.resources
     budget = pipeline.CpuBudget.for_cluster(
         config.segment_actors, res.preprocess_actors, None, res.actor_cpus
     )
     rows = (
         pipeline.preprocessed(
-            found.cases,
+            cases,
             _model_size(config),
             res.preprocess_actors,
             budget.actor,
             config.s3_endpoint,
             config.batch_size,
+            report.DISPLAY_SIZE if config.overlays else 0,
         )
         .map_batches(
             Segmenter,
@@ -182,6 +208,7 @@ def run_segmentation(config: SegmentConfig) -> SegmentResult:
                 "output": config.output,
                 "threshold": config.threshold,
                 "s3_endpoint": config.s3_endpoint,
+                "overlays": config.overlays,
             },
             batch_size=config.batch_size,
             num_cpus=budget.actor,
@@ -193,14 +220,14 @@ def run_segmentation(config: SegmentConfig) -> SegmentResult:
         rows,
         table_uri,
         SCHEMA,
-        found.cases,
+        cases,
         config.s3_endpoint,
         on_table=lambda table: dice.extend(d for d in table["dice"].to_pylist() if d is not None),
     )
     return SegmentResult(
         output=config.output,
         table=table_uri,
-        images=len(found.cases),
+        images=len(cases),
         failed=statuses[pipeline.ERROR],
         mean_dice=float(np.mean(dice)) if dice else None,
     )

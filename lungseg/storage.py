@@ -127,6 +127,20 @@ def file_type(uri: str, s3_endpoint: str | None = None) -> pafs.FileType:
     return kind
 
 
+def check_shared(uri: str, nodes: int, allow_local: bool = False) -> None:
+    """Refuse a local ``uri`` as a job's output on a cluster of more than one node.
+
+    Each node would write into its own disk; ``allow_local`` is for a path that every node
+    mounts (NFS, EFS).
+    """
+    if nodes > 1 and not allow_local and not is_remote(uri):
+        raise ValueError(
+            f"--output {uri} is a local path, but this Ray cluster has {nodes} nodes: the run "
+            "folder must be on storage that every node shares. Use an s3:// URI, or pass "
+            "--allow-local-output if the path is on a file system mounted on every node (NFS)."
+        )
+
+
 def check_writable(root: str, s3_endpoint: str | None = None) -> None:
     """Fail early, naming ``root``, when outputs cannot be written there (probe write + delete)."""
     probe = join(root, ".lungseg-write-check")

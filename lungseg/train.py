@@ -13,21 +13,24 @@ import csv
 import io
 import json
 import os
+import shutil
 import tempfile
 from dataclasses import asdict, dataclass
 
 import numpy as np
 import ray
 import ray.train
+import ray.train.collective
 from ray.train.tensorflow import TensorflowTrainer
 
-from lungseg import catalog, pipeline, report, storage
+from lungseg import catalog, imaging, pipeline, report, storage
 from lungseg.config import TrainConfig
 from lungseg.metrics import Confusion
 
 MODEL_FILE = "model.keras"
+BEST_FILE = "best.keras"
 STATE_FILE = "state.json"
-COLUMNS = ["epoch", "loss", "dice", "iou", "val_loss", "val_dice", "val_iou"]
+COLUMNS = ["epoch", "learning_rate", "loss", "dice", "iou", "val_loss", "val_dice", "val_iou"]
 
 
 @dataclass(frozen=True)
@@ -46,14 +49,28 @@ def _image_scores(counts: np.ndarray) -> tuple[float, float]:
     return float(np.mean([c.dice for c in cases])), float(np.mean([c.iou for c in cases]))
 
 
-def _batches(shard, batch_size: int, shuffle: int | None = None, seed: int | None = None):
+def _batches(shard, batch_size: int, shuffle: int | None = None, rng=None):
+    """``(images, masks)`` arrays of a dataset shard, augmented when ``rng`` is given."""
     for batch in shard.iter_batches(
         batch_size=batch_size,
         batch_format="numpy",
         local_shuffle_buffer_size=shuffle,
-        local_shuffle_seed=seed,
+        local_shuffle_seed=None if rng is None else int(rng.integers(2**31)),
     ):
-        yield batch["image"][..., None], batch["mask"][..., None]
+        images, masks = batch["image"], batch["mask"]
+        if rng is not None:
+            pairs = [imaging.augment(x, y, rng) for x, y in zip(images, masks, strict=True)]
+            images, masks = np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs])
+        yield images[..., None], masks[..., None]
+
+
+def should_stop(history: list[dict], patience: int) -> bool:
+    """Early stopping: ``patience`` epochs in a row without a better validation Dice (0: never)."""
+    scores = [row.get("val_dice") for row in history]
+    if not patience or not scores or scores[-1] is None:
+        return False
+    best = max(range(len(scores)), key=lambda i: (scores[i], -i))
+    return len(scores) - 1 - best >= patience
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -62,7 +79,7 @@ def train_loop_per_worker(config: dict) -> None:
     import keras
     import tensorflow as tf
 
-    from lungseg.model import bce_dice_loss, build_unet, overlap_counts
+    from lungseg.model import bce_dice_loss, build_unet, cosine_learning_rate, overlap_counts
 
     ray.data.DataContext.get_current().enable_progress_bars = False  # one bar per val pass is noise
     strategy = tf.distribute.MultiWorkerMirroredStrategy()
@@ -71,6 +88,7 @@ def train_loop_per_worker(config: dict) -> None:
     keras.utils.set_random_seed(config["seed"])
 
     history: list[dict] = []
+    best = b""  # the .keras bytes of the epoch with the best validation Dice so far (rank 0)
     checkpoint = ray.train.get_checkpoint()
     with strategy.scope():
         if checkpoint:
@@ -78,6 +96,8 @@ def train_loop_per_worker(config: dict) -> None:
                 model = keras.models.load_model(os.path.join(folder, MODEL_FILE), compile=True)
                 with open(os.path.join(folder, STATE_FILE)) as f:
                     history = json.load(f)["history"]
+                with open(os.path.join(folder, BEST_FILE), "rb") as f:
+                    best = f.read()
         else:
             model = build_unet(**config["model"])
             model.compile(optimizer=keras.optimizers.Adam(config["learning_rate"]))
@@ -106,16 +126,22 @@ def train_loop_per_worker(config: dict) -> None:
 
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
-    batch_size = config["batch_size"]
-    for epoch in range(len(history), config["epochs"]):
+    batch_size, epochs = config["batch_size"], config["epochs"]
+    for epoch in range(len(history), epochs):
+        if should_stop(history, config["patience"]):
+            break
+        optimizer.learning_rate.assign(cosine_learning_rate(config["learning_rate"], epoch, epochs))
+        rng = np.random.default_rng([config["seed"], rank, epoch]) if config["augment"] else None
         loss_total, counts = 0.0, []
-        for images, masks in _batches(train_shard, batch_size, 4 * batch_size, epoch):
+        for images, masks in _batches(train_shard, batch_size, 4 * batch_size, rng):
             loss_sum, batch_counts = distributed_step(images, masks)
             loss_total += float(loss_sum)
             counts.append(batch_counts.numpy())
         counts = np.concatenate(counts)
         dice, iou = _image_scores(counts)
         row = {"epoch": epoch + 1, "loss": loss_total / len(counts), "dice": dice, "iou": iou}
+        row["learning_rate"] = float(optimizer.learning_rate.numpy())
+        checkpoint = None
         if rank == 0:
             val_loss, val_counts = 0.0, []
             for images, masks in _batches(val_shard, batch_size):
@@ -127,21 +153,34 @@ def train_loop_per_worker(config: dict) -> None:
                 val_dice, val_iou = _image_scores(val_counts)
                 row |= {"val_loss": val_loss / len(val_counts), "val_dice": val_dice}
                 row |= {"val_iou": val_iou}
+            # Without validation the last epoch counts as the best.
+            improved = "val_dice" not in row or row["val_dice"] > max(
+                (r["val_dice"] for r in history), default=-1.0
+            )
             history.append(row)
-            with tempfile.TemporaryDirectory() as folder:
-                model.save(os.path.join(folder, MODEL_FILE))
-                with open(os.path.join(folder, STATE_FILE), "w") as f:
-                    json.dump({"history": history, "config": config}, f)
-                ray.train.report(row, checkpoint=ray.train.Checkpoint.from_directory(folder))
+            folder = tempfile.mkdtemp()
+            model.save(os.path.join(folder, MODEL_FILE))
+            if improved:
+                with open(os.path.join(folder, MODEL_FILE), "rb") as f:
+                    best = f.read()
+            with open(os.path.join(folder, BEST_FILE), "wb") as f:
+                f.write(best)
+            with open(os.path.join(folder, STATE_FILE), "w") as f:
+                json.dump({"history": history, "config": config}, f)
+            checkpoint = ray.train.Checkpoint.from_directory(folder)
         else:
             history.append(row)
-            ray.train.report(row, checkpoint=None)
+        ray.train.report(row, checkpoint=checkpoint)
+        if checkpoint is not None:
+            shutil.rmtree(folder)
+        # Rank 0 alone has the validation scores: it decides, every worker follows.
+        history = ray.train.collective.broadcast_from_rank_zero(history)
 
 
 def _write_outputs(run: str, checkpoint: ray.train.Checkpoint, config: TrainConfig) -> tuple:
     """Copy the final model and write metrics.csv, curves.png and config.json into the run."""
     with checkpoint.as_directory() as folder:
-        with open(os.path.join(folder, MODEL_FILE), "rb") as f:
+        with open(os.path.join(folder, BEST_FILE), "rb") as f:
             model_bytes = f.read()
         with open(os.path.join(folder, STATE_FILE)) as f:
             history = json.load(f)["history"]
@@ -170,12 +209,19 @@ def run_training(config: TrainConfig) -> TrainResult:
 
     Rerunning with the same ``output`` resumes from the run's last checkpoint.
     """
+    nodes = sum(node["Alive"] for node in ray.nodes())
+    storage.check_shared(config.output, nodes, config.allow_local_output)
     storage.check_writable(config.output, config.s3_endpoint)
     found = catalog.find_cases(config.data, config.masks, config.s3_endpoint)
     print(f"catalog: {found.summary()}")
-    labelled = {case.id: case for case in found.labelled}
-    train_ids, val_ids = catalog.split_ids(labelled, config.val_fraction)
-    if not train_ids:
+    labelled = catalog.Catalog(found.labelled, ())
+    if config.split:
+        split = json.loads(storage.read_bytes(config.split, config.s3_endpoint))
+        parts = {name: labelled.select(split[name]) for name in ("train", "val")}
+    else:
+        ids = catalog.split_ids([c.id for c in labelled.cases], config.val_fraction)
+        parts = dict(zip(("train", "val"), map(labelled.select, ids), strict=True))
+    if not parts["train"]:
         raise ValueError(f"no labelled images to train on under {config.data}")
 
     res = config.resources
@@ -183,9 +229,9 @@ def run_training(config: TrainConfig) -> TrainResult:
         config.workers, res.preprocess_actors, config.worker_cpus, res.actor_cpus
     )
     datasets = {}
-    for name, ids in (("train", train_ids), ("val", val_ids)):
+    for name, cases in parts.items():
         data = pipeline.preprocessed(
-            [labelled[i] for i in ids],
+            cases,
             config.model.size,
             res.preprocess_actors,
             budget.actor,
@@ -198,8 +244,8 @@ def run_training(config: TrainConfig) -> TrainResult:
             ["image", "mask"]
         )
     if datasets["train"].count() == 0:
-        raise ValueError(f"none of the {len(train_ids)} training images could be read")
-    print(f"split: {len(train_ids)} train, {len(val_ids)} validation images")
+        raise ValueError(f"none of the {len(parts['train'])} training images could be read")
+    print(f"split: {len(parts['train'])} train, {len(parts['val'])} validation images")
 
     fs, path = storage.resolve(config.output, config.s3_endpoint)
     if not os.path.dirname(path):
@@ -212,6 +258,8 @@ def run_training(config: TrainConfig) -> TrainResult:
             "batch_size": config.batch_size,
             "learning_rate": config.learning_rate,
             "seed": config.seed,
+            "augment": config.augment,
+            "patience": config.patience,
         },
         scaling_config=ray.train.ScalingConfig(
             num_workers=config.workers,

@@ -22,7 +22,7 @@ def _help(*command: str) -> str:
     return done.stdout
 
 
-@pytest.mark.parametrize("job", ["train", "segment", "clean"])
+@pytest.mark.parametrize("job", ["train", "segment", "evaluate", "export", "clean"])
 def test_job_help_is_the_cli_help(job):
     job_help = _help(sys.executable, f"jobs/{job}.py")
     assert job_help == _help(sys.executable, "-m", "lungseg.cli", job)

@@ -8,6 +8,7 @@ import pytest
 
 from lungseg.imaging import (
     ImageDecodeError,
+    augment,
     binarise,
     decode,
     encode_png,
@@ -430,3 +431,19 @@ def test_load_mask_bad_file_names_it() -> None:
 def test_load_mask_names_must_match_files() -> None:
     with pytest.raises(ValueError):
         load_mask([_encode(np.zeros((2, 2), np.uint8))], ["a.png", "b.png"])
+
+
+def test_augment_is_seeded_and_keeps_a_binary_mask_aligned():
+    image = np.zeros((64, 64), np.uint8)
+    image[16:48, 16:48] = 200
+    mask = (image > 0).astype(np.uint8)
+    first = augment(image, mask, np.random.default_rng(3))
+    again = augment(image, mask, np.random.default_rng(3))
+    np.testing.assert_array_equal(first[0], again[0])
+    np.testing.assert_array_equal(first[1], again[1])
+    out_image, out_mask = first
+    assert out_image.shape == (64, 64) and out_image.dtype == np.uint8
+    assert set(np.unique(out_mask)) == {0, 1}
+    # The square moved with the mask: its pixels stay brighter than the background around it.
+    assert out_image[out_mask == 1].mean() > out_image[out_mask == 0].mean() + 100
+    assert 0.75 * mask.sum() < out_mask.sum() < 1.3 * mask.sum()

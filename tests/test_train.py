@@ -10,19 +10,22 @@ import pytest
 
 from lungseg.config import SAMPLE, ModelConfig, TrainConfig
 from lungseg.train import run_training
+from tests.conftest import SAMPLE_IDS
 
 pytestmark = [pytest.mark.usefixtures("local_ray"), pytest.mark.timeout(420)]
 
 
 def test_two_workers_train_then_resume(tmp_path):
     run = tmp_path / "run"
+    split = tmp_path / "split.json"
+    split.write_text(json.dumps({"train": SAMPLE_IDS[4:], "val": SAMPLE_IDS[:4]}))
     config = TrainConfig(
         data=SAMPLE,
         output=str(run),
         workers=2,
         epochs=1,
         batch_size=4,
-        val_fraction=0.25,
+        split=str(split),
         model=ModelConfig(size=64, base_filters=8, depth=3),
     )
     first = run_training(config)

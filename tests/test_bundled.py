@@ -1,0 +1,86 @@
+"""The bundled pretrained model, the evaluate job's summary and the SavedModel export."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from lungseg.config import BUNDLED_MODEL, BUNDLED_SPLIT, SAMPLE, SegmentConfig
+from lungseg.evaluate import run_evaluation
+from tests.conftest import SAMPLE_IDS
+
+# Measured on 2026-11-27: mean Dice 0.9713, lowest 0.8780 (MCUCXR_0126_1) on the 16 sample
+# X-rays, all held out from the bundled model's training. The floors leave room for float
+# differences between CPUs, not for a worse model.
+MEAN_DICE_FLOOR = 0.965
+MIN_DICE_FLOOR = 0.87
+
+
+def test_bundled_files_ship_inside_the_package():
+    assert Path(BUNDLED_MODEL).is_file() and Path(BUNDLED_MODEL).stat().st_size < 10_000_000
+    split = json.loads(Path(BUNDLED_SPLIT).read_text())
+    assert not set(split["train"]) & set(split["val"])
+    assert len(split["train"]) + len(split["val"]) == 604
+    assert set(SAMPLE_IDS) <= set(split["val"]), "the sample must be held out"
+
+
+@pytest.mark.usefixtures("local_ray")
+@pytest.mark.timeout(300)
+def test_bundled_model_segments_the_sample_and_summary_matches_parquet(tmp_path):
+    output = tmp_path / "eval"
+    config = SegmentConfig(input=f"{SAMPLE}/images", masks=f"{SAMPLE}/masks", output=str(output))
+    assert config.model == BUNDLED_MODEL
+    summary = run_evaluation(config)
+
+    rows = pq.read_table(output / "segmentation.parquet").to_pylist()
+    assert json.loads((output / "summary.json").read_text()) == summary
+    dice = [r["dice"] for r in rows]
+    iou = [r["iou"] for r in rows]
+    assert len(rows) == 16 and all(r["status"] == "ok" for r in rows)
+    overall = summary["overall"]
+    assert overall["images"] == overall["scored"] == 16
+    assert overall["dice"] == {
+        "mean": statistics.mean(dice),
+        "median": statistics.median(dice),
+        "min": min(dice),
+    }
+    assert overall["iou"]["mean"] == statistics.mean(iou)
+    assert list(summary["datasets"]) == ["MCUCXR"] and summary["datasets"]["MCUCXR"] == overall
+    worst = sorted(rows, key=lambda r: (r["dice"], r["id"]))[:10]
+    assert [w["id"] for w in summary["worst"]] == [r["id"] for r in worst]
+    assert summary["failed"] == [] and summary["unscored"] == []
+    assert overall["dice"]["mean"] >= MEAN_DICE_FLOOR, overall
+    assert overall["dice"]["min"] >= MIN_DICE_FLOOR, summary["worst"][:3]
+
+
+@pytest.mark.usefixtures("local_ray")
+@pytest.mark.timeout(300)
+def test_evaluate_only_the_split_subset(tmp_path):
+    split = tmp_path / "split.json"
+    split.write_text(json.dumps({"train": SAMPLE_IDS[2:], "val": SAMPLE_IDS[:2]}))
+    config = SegmentConfig(
+        input=f"{SAMPLE}/images", masks=f"{SAMPLE}/masks", output=str(tmp_path / "eval")
+    )
+    summary = run_evaluation(config, str(split), "val")
+    rows = pq.read_table(tmp_path / "eval" / "segmentation.parquet").to_pylist()
+    assert sorted(r["id"] for r in rows) == SAMPLE_IDS[:2]
+    assert summary["overall"]["images"] == 2
+
+
+@pytest.mark.timeout(300)
+def test_savedmodel_export_serves_like_the_keras_model(tmp_path):
+    import tensorflow as tf
+
+    from lungseg.export import export_saved_model
+    from lungseg.segment import load_model
+
+    export_saved_model(BUNDLED_MODEL, str(tmp_path / "saved"))
+    served = tf.saved_model.load(str(tmp_path / "saved"))
+    batch = np.random.default_rng(0).integers(0, 256, (2, 256, 256, 1)).astype("float32")
+    expected = load_model(BUNDLED_MODEL)(batch, training=False)
+    np.testing.assert_allclose(served.serve(batch).numpy(), np.asarray(expected), atol=1e-5)
