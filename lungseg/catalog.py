@@ -6,6 +6,10 @@ Labels" mix of both, separate image and mask roots, and ``*_mask`` files next to
 Works on local paths and ``s3://`` URIs alike; returned URIs keep the caller's form.
 Images are files with a suffix in ``IMAGE_SUFFIXES``, and files without any suffix (as in PACS
 exports) whose first bytes are a DICOM preamble; a ``DICOMDIR`` index is never an image.
+
+Each case also gets the stem of its output files (:func:`output_name`): its id where that is a
+safe, portable file name, else a sanitised id plus a hash of it, so that no id can write outside
+the output root or onto another id's files, even on a case-insensitive file system.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import math
 import posixpath
+import re
 from collections import Counter, defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -29,6 +34,10 @@ _MASK_DIRS = frozenset({"masks", "mask", "manualmask", "leftmask", "rightmask"})
 _SIDES = ("left", "right")
 _MASK_SUFFIX = "_mask"
 _SUMMARY_IDS = 5
+_SAFE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
+_UNSAFE_CHAR = re.compile(r"[^A-Za-z0-9_.-]")
+_HASHED_STEM = 64  # characters of the sanitised id kept in a hashed name
+_HASH_DIGITS = 12
 
 
 class CatalogError(ValueError):
@@ -46,6 +55,41 @@ class Case:
     id: str
     image: str
     masks: tuple[str, ...] = ()
+    name: str = ""  # the stem of the case's output files; default: output_name(id)
+
+    def __post_init__(self) -> None:
+        if not self.name:
+            object.__setattr__(self, "name", output_name(self.id))
+
+
+def output_name(case_id: str, hashed: bool = False) -> str:
+    """The stem of an id's output files (``masks/<name>.png``): safe and portable.
+
+    An id of at most 128 ASCII letters, digits, ``_``, ``.`` and ``-``, not starting with ``.``
+    or ``-``, is its own name. Any other id, or any id when ``hashed`` (the catalog asks for it
+    when two ids differ only in case), becomes its first 64 characters with each other character
+    replaced by ``_``, then ``~`` and the first 12 hex digits of the SHA-256 of its UTF-8 bytes:
+    ``a b:c`` -> ``a_b_c~<12 hex>``. A kept id never contains ``~``, so names cannot clash.
+    """
+    if not hashed and _SAFE_NAME.fullmatch(case_id):
+        return case_id
+    stem = _UNSAFE_CHAR.sub("_", case_id[:_HASHED_STEM]).lstrip(".-") or "_"
+    digest = hashlib.sha256(case_id.encode()).hexdigest()
+    return f"{stem}~{digest[:_HASH_DIGITS]}"
+
+
+def _output_names(ids: Iterable[str]) -> dict[str, str]:
+    """Each id's :func:`output_name`, hashed for ids whose name differs from another only in case.
+
+    Names are then unique even where ``A.png`` and ``a.png`` are the same file (macOS, Windows).
+    """
+    ids = list(ids)
+    folded = Counter(output_name(i).lower() for i in ids)
+    names = {i: output_name(i, hashed=folded[output_name(i).lower()] > 1) for i in ids}
+    clashes = [n for n, k in Counter(n.lower() for n in names.values()).items() if k > 1]
+    if clashes:  # a 48-bit hash collision: never seen, but never written over either
+        raise CatalogError(f"output names clash: {', '.join(sorted(clashes))}")
+    return names
 
 
 @dataclass(frozen=True)
@@ -108,18 +152,24 @@ def _walk(uri: str, what: str, s3_endpoint: str | None) -> list[_File]:
     files = []
     with explained(uri):
         listing = fs.get_file_info(pafs.FileSelector(root, recursive=True))
-    for info in listing:
-        parts = info.path[len(root) :].lstrip("/").split("/")
-        if info.type != pafs.FileType.File or any(p.startswith(".") for p in parts):
+    try:
+        entries = [(info.path, info.type) for info in listing]
+    except UnicodeDecodeError as exc:  # pyarrow cannot give such a name as text
+        raise CatalogError(
+            f"{what} root {uri} holds a file name that is not UTF-8: {exc.object!r}; rename it"
+        ) from exc
+    for path, kind in entries:
+        parts = path[len(root) :].lstrip("/").split("/")
+        if kind != pafs.FileType.File or any(p.startswith(".") for p in parts):
             continue
         stem, suffix = posixpath.splitext(parts[-1])
         if suffix.lower() not in IMAGE_SUFFIXES and not (
-            not suffix and _is_dicom_file(fs, info.path, stem)
+            not suffix and _is_dicom_file(fs, path, stem)
         ):
             continue
         files.append(
             _File(
-                uri=f"{scheme}://{info.path}" if scheme else info.path,
+                uri=f"{scheme}://{path}" if scheme else path,
                 dirs=tuple(p.lower() for p in parts[:-1]),
                 stem=stem,
             )
@@ -171,7 +221,8 @@ def find_cases(images: str, masks: str | None = None, s3_endpoint: str | None = 
     ``masks``/``mask``/``ManualMask``/``leftMask``/``rightMask`` or its stem ends in ``_mask``
     (all case-insensitive); otherwise it is an image. With ``masks`` given, every file under it
     is a mask and every file under ``images`` is an image unless its stem ends in ``_mask``.
-    Ids are image stems and must be unique; a mask's id is its stem without ``_mask``.
+    Ids are image stems and must be unique; a mask's id is its stem without ``_mask``. Ids that
+    differ only in case are distinct cases, with hashed output names (:func:`output_name`).
     """
     image_files: list[_File] = []
     mask_files: list[_File] = []
@@ -203,8 +254,14 @@ def find_cases(images: str, masks: str | None = None, s3_endpoint: str | None = 
     masks_by_id: dict[str, list[_File]] = defaultdict(list)
     for m in mask_files:
         masks_by_id[_mask_id(m.stem)].append(m)
+    names = _output_names(by_id)
     cases = tuple(
-        Case(id=i, image=u[0], masks=_pair_masks(i, masks_by_id[i]) if i in masks_by_id else ())
+        Case(
+            id=i,
+            image=u[0],
+            masks=_pair_masks(i, masks_by_id[i]) if i in masks_by_id else (),
+            name=names[i],
+        )
         for i, u in sorted(by_id.items())
     )
     orphans = sorted(m.uri for i, ms in masks_by_id.items() if i not in by_id for m in ms)

@@ -3,7 +3,8 @@
 Array functions (pure NumPy/OpenCV, as in imaging.py) compose into :func:`clean_image`:
 normalise to 8 bits, resize, optional CLAHE, Gaussian denoising, Otsu's threshold, inversion by
 the border rule, opening and closing, and masking of the image. :class:`Cleaner` runs them in a
-pool of Ray Data actors that write ``cleaned/<id>.png`` and ``masks/<id>.png`` under the output
+pool of Ray Data actors that write ``cleaned/<name>.png`` and ``masks/<name>.png`` (``name``:
+:func:`lungseg.catalog.output_name` of the id) under the output
 root and return scalar rows; :func:`run_cleaning` drives those into ``cleaning.parquet`` and
 draws a contact sheet of the first inputs beside their cleaned results.
 """
@@ -28,7 +29,6 @@ TABLE_FILE = "cleaning.parquet"
 SHEET_FILE = "contact_sheet.png"
 CLEANED_DIR = "cleaned"
 MASKS_DIR = "masks"
-FLAGGED = "flagged"
 SHEET_COLUMNS = 4  # input/cleaned pairs per row of the contact sheet
 DEFAULT_PARAMS = CleanParams()
 SCHEMA = pa.schema(
@@ -159,6 +159,7 @@ def clean_image(gray: np.ndarray, params: CleanParams = DEFAULT_PARAMS) -> Clean
 
 def clean_one(
     case_id: str,
+    name: str,
     source: str,
     output: str,
     params: CleanParams = DEFAULT_PARAMS,
@@ -175,12 +176,12 @@ def clean_one(
         gray = imaging.to_grayscale(imaging.decode(data, source))
         row |= {"height": gray.shape[0], "width": gray.shape[1]}
         result = clean_image(gray, params)
-        cleaned = storage.join(output, f"{CLEANED_DIR}/{case_id}.png")
-        mask = storage.join(output, f"{MASKS_DIR}/{case_id}.png")
+        cleaned = storage.join(output, f"{CLEANED_DIR}/{name}.png")
+        mask = storage.join(output, f"{MASKS_DIR}/{name}.png")
         storage.write_bytes(cleaned, imaging.encode_image(result.cleaned), s3_endpoint)
         storage.write_bytes(mask, imaging.encode_png(result.mask), s3_endpoint)
     except FlaggedImage as exc:
-        return row | {"status": FLAGGED, "error": str(exc)}
+        return row | {"status": pipeline.FLAGGED, "error": str(exc)}
     except Exception as exc:  # a bad image becomes an error row, never a crashed job
         return row | {"status": pipeline.ERROR, "error": f"{type(exc).__name__}: {exc}"}
     row |= {
@@ -193,7 +194,8 @@ def clean_one(
     }
     if result.foreground_fraction in (0.0, 1.0):
         covers = "no pixel" if result.foreground_fraction == 0.0 else "every pixel"
-        row |= {"status": FLAGGED, "error": f"the mask covers {covers} after opening and closing"}
+        why = f"the mask covers {covers} after opening and closing"
+        row |= {"status": pipeline.FLAGGED, "error": why}
     return row
 
 
@@ -210,8 +212,8 @@ class Cleaner:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
         rows = [
-            clean_one(str(i), str(s), self.output, self.params, self.s3_endpoint)
-            for i, s in zip(batch["id"], batch["source"], strict=True)
+            clean_one(str(i), str(n), str(s), self.output, self.params, self.s3_endpoint)
+            for i, n, s in zip(batch["id"], batch["name"], batch["source"], strict=True)
         ]
         return {name: [row[name] for row in rows] for name in SCHEMA.names}
 
@@ -266,7 +268,7 @@ class CleanSummary:
 def run_cleaning(config: CleanConfig) -> CleanSummary:
     """Clean every image under ``config.input`` (mask files are skipped) in OpenCV actors.
 
-    Writes ``cleaned/<id>.png``, ``masks/<id>.png``, one Parquet row per image in
+    Writes ``cleaned/<name>.png``, ``masks/<name>.png``, one Parquet row per image in
     ``cleaning.parquet`` and, unless ``config.sheet`` is 0, ``contact_sheet.png`` of the first
     ``config.sheet`` images by id.
     """
@@ -306,6 +308,6 @@ def run_cleaning(config: CleanConfig) -> CleanSummary:
         table=table_uri,
         sheet=sheet_uri,
         images=len(found.cases),
-        flagged=statuses[FLAGGED],
+        flagged=statuses[pipeline.FLAGGED],
         failed=statuses[pipeline.ERROR],
     )

@@ -10,6 +10,7 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
+from urllib.parse import urlparse
 
 from lungseg.config import (
     BUNDLED_MODEL,
@@ -20,6 +21,7 @@ from lungseg.config import (
     DEFAULT_SEGMENT_OUTPUT,
     INVERT_RULES,
     SAMPLE,
+    BenchmarkConfig,
     CleanConfig,
     CleanParams,
     ModelConfig,
@@ -28,6 +30,16 @@ from lungseg.config import (
     SegmentConfig,
     TrainConfig,
 )
+
+
+def _endpoint(url: str) -> str:
+    """An ``--s3-endpoint`` URL, refused (without echoing it) when it carries credentials."""
+    if "@" in urlparse(url).netloc:
+        raise argparse.ArgumentTypeError(
+            "the URL must not hold credentials (user:secret@host), which would land in logs and "
+            "config.json: give them through the AWS chain (AWS_ACCESS_KEY_ID, profiles, roles)"
+        )
+    return url
 
 
 def _add_resources(parser: argparse.ArgumentParser, gpu: bool = True) -> None:
@@ -46,6 +58,7 @@ def _add_resources(parser: argparse.ArgumentParser, gpu: bool = True) -> None:
     group.add_argument(
         "--s3-endpoint",
         default=None,
+        type=_endpoint,
         help="endpoint URL of an S3-compatible store (default: AWS_ENDPOINT_URL or AWS)",
     )
 
@@ -83,8 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="CPUs per train worker (default: half the cluster's CPUs shared among workers)",
     )
-    train.add_argument("--epochs", type=int, default=30, help="epochs to train in all")
-    train.add_argument("--batch-size", type=int, default=8, help="images per worker per step")
+    train.add_argument("--epochs", type=int, default=40, help="epochs to train in all")
+    train.add_argument("--batch-size", type=int, default=2, help="images per worker per step")
     train.add_argument("--learning-rate", type=float, default=1e-3, help="Adam learning rate")
     train.add_argument(
         "--val-fraction", type=float, default=0.2, help="share of ids held out (split by id hash)"
@@ -159,10 +172,11 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--model", default=BUNDLED_MODEL, help=".keras model to export")
     export.add_argument("--output", required=True, help="folder of the SavedModel (path or s3://)")
     export.add_argument(
-        "--s3-endpoint", default=None, help="endpoint URL of an S3-compatible store"
+        "--s3-endpoint", default=None, type=_endpoint, help="endpoint URL of an S3-compatible store"
     )
     _add_clean(commands)
     _add_report(commands)
+    _add_benchmark(commands)
     return parser
 
 
@@ -187,6 +201,12 @@ def _add_segment_arguments(parser: argparse.ArgumentParser, output: str) -> None
         action="store_true",
         help="also write OUTPUT/overlays/<id>.png: the X-ray (longest side 512) with the "
         "predicted outline and, where a ground truth exists, agreement colours",
+    )
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="keep the images that an earlier (e.g. interrupted) run with the same options "
+        "already wrote to OUTPUT, and segment only the rest",
     )
 
 
@@ -264,6 +284,7 @@ def _add_report(commands: argparse._SubParsersAction) -> None:
     report.add_argument(
         "--s3-endpoint",
         default=None,
+        type=_endpoint,
         help="endpoint URL of an S3-compatible store (default: AWS_ENDPOINT_URL or AWS)",
     )
 
@@ -339,6 +360,7 @@ def _config(
         resources=_resources(args),
         s3_endpoint=args.s3_endpoint,
         overlays=args.overlays,
+        resume=args.resume,
     )
 
 
@@ -350,6 +372,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         print(f"SavedModel: {export_saved_model(args.model, args.output, args.s3_endpoint)}")
         return 0
+    if args.command == "benchmark":
+        return _benchmark(args)
     config = _config(args)
     if isinstance(config, ReportConfig):  # pictures and HTML only: no Ray
         from lungseg.report import run_report
@@ -365,9 +389,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from lungseg.train import run_training
 
         result = run_training(config)
-        print(f"model: {result.model}")
+        print(f"data: {result.images} images ({result.flagged} flagged, {result.failed} failed)")
+        print(f"model: {result.model}  table: {result.table}")
         print("last epoch: " + ", ".join(f"{k}={v:.4g}" for k, v in result.metrics.items()))
-        return 0
+        return 1 if result.failed else 0
     if isinstance(config, CleanConfig):
         from lungseg.clean import run_cleaning
 
@@ -392,17 +417,90 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"min {dice.get('min', float('nan')):.4f}  "
                 f"IoU mean {iou.get('mean', float('nan')):.4f}"
             )
-        print(f"summary: {config.output}/summary.json  failed: {len(summary['failed'])}")
+        print(
+            f"summary: {config.output}/summary.json  failed: {len(summary['failed'])}  "
+            f"unscored: {len(summary['unscored'])}"
+        )
         return 1 if summary["failed"] else 0
     from lungseg.segment import run_segmentation
 
     result = run_segmentation(config)
     dice = "n/a" if result.mean_dice is None else f"{result.mean_dice:.4f}"
-    print(f"segmented {result.images} images ({result.failed} failed), mean Dice {dice}")
+    print(
+        f"segmented {result.images} images ({result.flagged} flagged, {result.failed} failed), "
+        f"mean Dice {dice}"
+    )
     print(f"masks: {result.output}/masks/  table: {result.table}")
     if config.overlays:
         print(f"overlays: {result.output}/overlays/")
     return 1 if result.failed else 0
+
+
+def _add_benchmark(commands: argparse._SubParsersAction) -> None:
+    bench = commands.add_parser(
+        "benchmark",
+        help="measure each Ray stage against the plain loop a user would write, side by side",
+        description="On copies of real X-rays, in one run: preprocessing and inference on Ray "
+        "against a plain single-process loop (images/s), a training epoch on Ray Train against "
+        "model.fit (s), and the peak memory of the Ray session segmenting a small vs a large "
+        "set. Prints a table, writes OUTPUT/benchmark.json.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    d = BenchmarkConfig()
+    bench.add_argument(
+        "--input", default=d.input, help="local root of X-rays to copy (its masks: training row)"
+    )
+    bench.add_argument("--output", default=d.output, help="folder of benchmark.json")
+    bench.add_argument("--model", default=d.model, help=".keras model of the inference rows")
+    bench.add_argument(
+        "--images", type=int, default=d.images, help="images of preprocessing and inference"
+    )
+    bench.add_argument(
+        "--memory-images",
+        type=lambda text: tuple(int(n) for n in text.split(",")),
+        default=",".join(map(str, d.memory_images)),
+        help="the small and the large set of the memory row",
+    )
+    bench.add_argument(
+        "--train-images", type=int, default=d.train_images, help="images of the training epoch"
+    )
+    bench.add_argument("--batch-size", type=int, default=d.batch_size, help="images per step")
+    bench.add_argument("--rounds", type=int, default=d.rounds, help="runs of each side (best)")
+    bench.add_argument(
+        "--stages",
+        type=lambda text: tuple(text.split(",")),
+        default=",".join(d.stages),
+        help="comma-separated rows to measure",
+    )
+    bench.add_argument("--gpu", action="store_true", help="segment on a GPU (inference rows)")
+
+
+def _benchmark(args: argparse.Namespace) -> int:
+    try:
+        config = BenchmarkConfig(
+            input=args.input,
+            output=args.output,
+            model=args.model,
+            images=args.images,
+            memory_images=args.memory_images,
+            train_images=args.train_images,
+            batch_size=args.batch_size,
+            rounds=args.rounds,
+            stages=args.stages,
+            use_gpu=args.gpu,
+        )
+    except ValueError as exc:
+        sys.exit(f"lungseg benchmark: error: {exc}")
+    os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+    import ray
+
+    from lungseg.benchmark import format_table, run_benchmark
+
+    ray.init()  # local: the memory row measures the processes this driver starts
+    result = run_benchmark(config)
+    print(format_table(result))
+    print(f"results: {result.json}")
+    return 0
 
 
 if __name__ == "__main__":

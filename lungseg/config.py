@@ -43,8 +43,8 @@ class TrainConfig:
     output: str = DEFAULT_RUN
     workers: int = 2
     worker_cpus: float | None = None
-    epochs: int = 30
-    batch_size: int = 8
+    epochs: int = 40
+    batch_size: int = 2
     learning_rate: float = 1e-3
     val_fraction: float = 0.2
     split: str | None = None  # JSON {"train": [ids], "val": [ids]} instead of val_fraction
@@ -73,6 +73,7 @@ class SegmentConfig:
     s3_endpoint: str | None = None
     overlays: bool = False
     ids: tuple[str, ...] | None = None  # only these ids of the catalog (evaluate's split)
+    resume: bool = False  # keep the rows and masks an earlier run already wrote to ``output``
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -153,3 +154,44 @@ class ReportConfig:
     def __post_init__(self) -> None:
         if self.sheet < 0:
             raise ValueError(f"sheet must be >= 0, got {self.sheet}")
+
+
+DEFAULT_BENCHMARK_OUTPUT = "out/benchmark"
+BENCHMARK_STAGES = ("preprocessing", "inference", "training", "memory")
+
+
+@dataclass(frozen=True)
+class BenchmarkConfig:
+    """Settings of ``lungseg benchmark`` (:mod:`lungseg.benchmark`).
+
+    ``input`` is a local root of X-rays (its masks feed the training row); ``images`` the set
+    of the preprocessing and inference rows; ``memory_images`` the small and the large set of
+    the memory row; ``train_model`` the U-Net trained in the training row; ``rounds`` how
+    often each side runs (its best counts).
+    """
+
+    input: str = SAMPLE
+    output: str = DEFAULT_BENCHMARK_OUTPUT
+    model: str = BUNDLED_MODEL
+    images: int = 1000
+    memory_images: tuple[int, int] = (1000, 10000)
+    train_images: int = 128
+    train_model: ModelConfig = ModelConfig()
+    batch_size: int = 8
+    rounds: int = 2
+    stages: tuple[str, ...] = BENCHMARK_STAGES
+    use_gpu: bool = False
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.stages) - set(BENCHMARK_STAGES))
+        if unknown:
+            raise ValueError(f"unknown stages {unknown}: choose from {', '.join(BENCHMARK_STAGES)}")
+        if len(self.memory_images) != 2:
+            raise ValueError(f"memory_images must be two counts, got {self.memory_images}")
+        if min(self.images, self.train_images, *self.memory_images, self.batch_size) < 1:
+            raise ValueError("image counts and batch_size must be at least 1")
+        if self.rounds < 1:
+            raise ValueError(f"rounds must be at least 1, got {self.rounds}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)

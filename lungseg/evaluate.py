@@ -10,6 +10,7 @@ import pyarrow.parquet as pq
 
 from lungseg import storage
 from lungseg.config import SegmentConfig
+from lungseg.pipeline import ERROR
 from lungseg.segment import run_segmentation
 
 SUMMARY_FILE = "summary.json"
@@ -33,15 +34,19 @@ def _stats(rows: list[dict]) -> dict:
 
 
 def summarise(rows: list[dict], model: str) -> dict:
-    """Mean/median/min Dice and IoU overall and per dataset, failures, and the worst ids."""
+    """Mean/median/min Dice and IoU overall and per dataset, failures, and the worst ids.
+
+    ``unscored`` lists the images segmented without a ground truth (``flagged`` when masks
+    were given).
+    """
     datasets = sorted({dataset_of(r["id"]) for r in rows})
     scored = sorted((r for r in rows if r["dice"] is not None), key=lambda r: (r["dice"], r["id"]))
     return {
         "model": model,
         "overall": _stats(rows),
         "datasets": {d: _stats([r for r in rows if dataset_of(r["id"]) == d]) for d in datasets},
-        "failed": [{"id": r["id"], "error": r["error"]} for r in rows if r["status"] != "ok"],
-        "unscored": sorted(r["id"] for r in rows if r["status"] == "ok" and r["dice"] is None),
+        "failed": [{"id": r["id"], "error": r["error"]} for r in rows if r["status"] == ERROR],
+        "unscored": sorted(r["id"] for r in rows if r["status"] != ERROR and r["dice"] is None),
         "worst": [{"id": r["id"], "dice": r["dice"], "iou": r["iou"]} for r in scored[:WORST]],
     }
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import io
 import math
+import struct
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -35,6 +36,16 @@ if TYPE_CHECKING:
 DICOM_MAGIC = b"DICM"
 """The four bytes after a DICOM file's 128-byte preamble, whatever the file's name."""
 _DICOM_HEADER = 128 + len(DICOM_MAGIC)
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+JPEG_MAGIC = b"\xff\xd8"
+_JPEG_FRAMES = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}  # SOF0-15 (not DHT, JPG, DAC)
+_JPEG_STANDALONE = frozenset({0x01, 0xD8})  # TEM, SOI: markers without a length
+
+MAX_PIXELS = 100_000_000
+"""The largest image decoded (rows x columns, e.g. 10000 x 10000), read from the PNG/JPEG/DICOM
+header before any pixel is decoded: a larger one is an :class:`ImageDecodeError`, so that a
+huge or forged header cannot exhaust a worker's memory."""
+_NORMALISE_CHUNK = 1 << 20  # pixels per step of normalise's float64 arithmetic
 
 
 class ImageDecodeError(ValueError):
@@ -75,11 +86,65 @@ def _decode(data: bytes, name: str) -> tuple[np.ndarray, ImageInfo]:
         raise ImageDecodeError(f"{name}: empty file (0 bytes)")
     if is_dicom(data):
         dataset = _read_dicom(data, name)
+        try:
+            rows, columns = int(dataset.Rows), int(dataset.Columns)
+        except Exception as exc:  # absent, or not a number
+            raise ImageDecodeError(f"{name}: DICOM without readable Rows and Columns") from exc
+        _check_pixels(rows, columns, name)
         return _dicom_pixels(dataset, name), _dicom_info(dataset)
+    if data.startswith(PNG_MAGIC):
+        kind, size = "PNG", _png_size(data)
+    elif data.startswith(JPEG_MAGIC):
+        kind, size = "JPEG", _jpeg_size(data)
+    else:
+        raise ImageDecodeError(f"{name}: not a PNG, JPEG or DICOM image ({len(data)} bytes)")
+    if size is None:
+        raise ImageDecodeError(f"{name}: {kind} without a readable size header ({len(data)} bytes)")
+    _check_pixels(*size, name)
     array = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
     if array is None or array.size == 0:
-        raise ImageDecodeError(f"{name}: not a decodable PNG/JPEG/DICOM image ({len(data)} bytes)")
+        raise ImageDecodeError(f"{name}: corrupt or truncated {kind} ({len(data)} bytes)")
     return array, ImageInfo()
+
+
+def _check_pixels(rows: int, columns: int, name: str) -> None:
+    """Refuse, before decoding, an image whose header gives more than :data:`MAX_PIXELS`."""
+    if rows * columns > MAX_PIXELS:
+        raise ImageDecodeError(
+            f"{name}: image of {columns}x{rows} pixels is larger than the limit of "
+            f"{MAX_PIXELS:,} pixels"
+        )
+
+
+def _png_size(data: bytes) -> tuple[int, int] | None:
+    """``(rows, columns)`` from a PNG's IHDR chunk, which must come first; None without one."""
+    if len(data) < 24 or data[12:16] != b"IHDR":
+        return None
+    width, height = struct.unpack(">II", data[16:24])
+    return height, width
+
+
+def _jpeg_size(data: bytes) -> tuple[int, int] | None:
+    """``(rows, columns)`` from a JPEG's first frame header (SOF marker); None without one.
+
+    Walks the marker segments after SOI as libjpeg does, skipping stray bytes between them.
+    """
+    i = 2
+    while i + 9 <= len(data):
+        if data[i] != 0xFF or data[i + 1] in (0x00, 0xFF):
+            i += 1
+            continue
+        marker = data[i + 1]
+        if marker in _JPEG_STANDALONE or 0xD0 <= marker <= 0xD7:
+            i += 2
+            continue
+        if marker in _JPEG_FRAMES:
+            height, width = struct.unpack(">HH", data[i + 5 : i + 9])
+            return height, width
+        if marker == 0xDA:  # start of scan before any frame header
+            return None
+        i += 2 + struct.unpack(">H", data[i + 2 : i + 4])[0]
+    return None
 
 
 def _read_dicom(data: bytes, name: str) -> Dataset:
@@ -182,10 +247,15 @@ def normalise(gray: np.ndarray) -> np.ndarray:
     exact linear re-encoding gives the identical result. A constant image gives zeros.
     """
     lo, hi = float(gray.min()), float(gray.max())
+    out = np.zeros(gray.shape, np.uint8)
     if not hi > lo:
-        return np.zeros(gray.shape, np.uint8)
-    scaled = (gray.astype(np.float64) - lo) * 255.0 / (hi - lo)
-    return np.floor(scaled + 0.5).astype(np.uint8)
+        return out
+    # In bands of rows, so that the float64 temporaries stay small whatever the image's size.
+    step = max(1, _NORMALISE_CHUNK // max(1, math.prod(gray.shape[1:])))
+    for top in range(0, gray.shape[0], step):
+        scaled = (gray[top : top + step].astype(np.float64) - lo) * 255.0 / (hi - lo)
+        out[top : top + step] = np.floor(scaled + 0.5)
+    return out
 
 
 def resize_image(image: np.ndarray, size: int) -> np.ndarray:

@@ -18,6 +18,7 @@ import csv
 import html
 import io
 import math
+import posixpath
 import statistics
 from collections import Counter
 from collections.abc import Sequence
@@ -388,7 +389,7 @@ def _cell(row: dict, key: str, numeric: bool) -> str:
     if value is None:
         return '<td data-value=""></td>'
     if key == "overlay":
-        link = html.escape(f"{OVERLAYS_DIR}/{quote(row['id'])}.png")
+        link = html.escape(f"{OVERLAYS_DIR}/{quote(posixpath.basename(value))}")
         return f'<td data-value="{link}"><a href="{link}">overlay</a></td>'
     if numeric:
         return f'<td class="number" data-value="{value!r}">{value:.4f}</td>'
@@ -472,5 +473,5 @@ def run_report(config: ReportConfig) -> ReportResult:
     return ReportResult(
         html=html_uri,
         images=len(rows),
-        failed=sum(row["status"] != "ok" for row in rows),
+        failed=sum(row["status"] == "error" for row in rows),
     )

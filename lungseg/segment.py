@@ -4,12 +4,16 @@ Three overlapping Ray Data stages: OpenCV preprocessing actors, segmenting actor
 model once each (a GPU each when asked), and post-processing tasks that clean the mask, restore
 the image's size, write the PNG and score it against the ground truth when there is one, and
 with ``overlays`` draw the X-ray's overlay (:func:`lungseg.report.overlay`) there too.
+
+Every image gets one row; with ``resume``, images whose row and files an earlier run already
+wrote are kept, and only the rest are segmented (see :func:`run_segmentation`).
 """
 
 from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -22,6 +26,7 @@ from lungseg.metrics import confusion
 
 TABLE_FILE = "segmentation.parquet"
 MASKS_DIR = "masks"
+NO_TRUTH = "no ground-truth mask found: not scored"
 SCHEMA = pa.schema(
     [
         ("id", pa.string()),
@@ -54,7 +59,9 @@ class SegmentResult:
     output: str
     table: str
     images: int
+    flagged: int
     failed: int
+    resumed: int  # rows kept from an earlier run (``resume``)
     mean_dice: float | None
 
 
@@ -71,16 +78,30 @@ def load_model(uri: str, s3_endpoint: str | None = None):
 
 
 class Segmenter:
-    """Ray Data actor: one model load, then lung probabilities (uint8, 0-255) per batch."""
+    """Ray Data actor: one model load, then lung probabilities (uint8, 0-255) per batch.
 
-    def __init__(self, model: str, s3_endpoint: str | None = None) -> None:
+    The model always sees ``batch_size`` images, the batch padded with black ones: TensorFlow's
+    CPU kernels give an image results that differ in the last bits with the batch's size, and
+    a mask must not depend on which images shared its batch (a resumed run has other batches).
+    Test hook: ``LUNGSEG_FAULT_SEGMENTER=N`` exits once after N batches
+    (:func:`lungseg.pipeline.inject_fault`).
+    """
+
+    def __init__(self, model: str, batch_size: int, s3_endpoint: str | None = None) -> None:
         self.model = load_model(model, s3_endpoint)
+        self.batch_size = batch_size
+        self.batches = 0
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        pipeline.inject_fault("segmenter", self.batches)
+        self.batches += 1
         ok = batch["status"] == pipeline.OK
         probability = np.zeros(batch["image"].shape, np.uint8)
         if ok.any():
-            predicted = self.model.predict_on_batch(batch["image"][ok][..., None])[..., 0]
+            n = int(ok.sum())
+            images = np.zeros((max(n, self.batch_size), *batch["image"].shape[1:], 1), np.uint8)
+            images[:n, ..., 0] = batch["image"][ok]
+            predicted = self.model.predict_on_batch(images)[:n, ..., 0]
             probability[ok] = np.rint(np.asarray(predicted) * 255).astype(np.uint8)
         out = {k: v for k, v in batch.items() if k not in ("image", "mask")}
         out["probability"] = probability
@@ -126,16 +147,19 @@ def write_masks(
     threshold: float,
     s3_endpoint: str | None,
     overlays: bool = False,
+    truth_required: bool = False,
 ) -> dict[str, list]:
     """Ray Data task: post-process, restore size, write each mask PNG, score it; scalars out.
 
-    ``lung_area_mm2`` is the lung pixel count times the pixel area (row x column spacing), null
-    where the spacing is unknown. With ``overlays`` (the batch then has ``display_png``), each
-    image's overlay goes to ``overlays/<id>.png``.
+    Files are named by the case's output name (:func:`lungseg.catalog.output_name`):
+    ``masks/<name>.png``. ``lung_area_mm2`` is the lung pixel count times the pixel area (row x
+    column spacing), null where the spacing is unknown. With ``overlays`` (the batch then has
+    ``display_png``), each image's overlay goes to ``overlays/<name>.png``. With
+    ``truth_required`` (ground-truth masks were given), an image without one is ``flagged``.
     """
     rows = []
     for i, case_id in enumerate(batch["id"]):
-        case_id, source = str(case_id), str(batch["source"][i])
+        case_id, name, source = str(case_id), str(batch["name"][i]), str(batch["source"][i])
         if batch["status"][i] != pipeline.OK:
             rows.append(_row(case_id, source, error=str(batch["error"][i])))
             continue
@@ -143,7 +167,7 @@ def write_masks(
             height, width = int(batch["height"][i]), int(batch["width"][i])
             small = imaging.postprocess(batch["probability"][i] / 255.0, threshold)
             mask = imaging.resize_mask(small, height, width)
-            uri = storage.join(output, f"{MASKS_DIR}/{case_id}.png")
+            uri = storage.join(output, f"{MASKS_DIR}/{name}.png")
             storage.write_bytes(uri, imaging.encode_png(mask), s3_endpoint)
             header = _header(batch, i)
             row = _row(
@@ -165,8 +189,10 @@ def write_masks(
                 counts = confusion(mask, truth)
                 row |= {"tp": counts.tp, "fp": counts.fp, "fn": counts.fn}
                 row |= {"dice": counts.dice, "iou": counts.iou}
+            elif truth_required:
+                row |= {"status": pipeline.FLAGGED, "error": NO_TRUTH}
             if overlays:
-                row["overlay"] = storage.join(output, f"{report.OVERLAYS_DIR}/{case_id}.png")
+                row["overlay"] = storage.join(output, f"{report.OVERLAYS_DIR}/{name}.png")
                 _write_overlay(batch["display_png"][i], mask, truth, row["overlay"], s3_endpoint)
             rows.append(row)
         except Exception as exc:  # a bad image becomes an error row, never a crashed job
@@ -175,46 +201,64 @@ def write_masks(
 
 
 def run_segmentation(config: SegmentConfig) -> SegmentResult:
-    """Segment every image under ``config.input``; masks and the Parquet table go to ``output``."""
+    """Segment every image under ``config.input``; masks and the Parquet table go to ``output``.
+
+    With ``config.resume``, the rows that an earlier run with the same options left in the
+    output root (its table, or the journal of an interrupted run) are kept where the row is not
+    an ``error``, its source is the same and its mask (and overlay) files exist; only the other
+    images are segmented, and the table holds both, as an uninterrupted run would.
+    """
     storage.check_writable(config.output, config.s3_endpoint)
     found = catalog.find_cases(config.input, config.masks, config.s3_endpoint)
     print(f"catalog: {found.summary()}")
     cases = found.cases if config.ids is None else found.select(config.ids)
+    table_uri = storage.join(config.output, TABLE_FILE)
+    kept = _resumable(cases, table_uri, config) if config.resume else []
+    done = {row["id"] for row in kept}
+    todo = [case for case in cases if case.id not in done]
+    if config.resume:
+        print(f"resume: {len(kept)} images done by an earlier run, {len(todo)} to segment")
     res = config.resources
     budget = pipeline.CpuBudget.for_cluster(
         config.segment_actors, res.preprocess_actors, None, res.actor_cpus
     )
-    rows = (
-        pipeline.preprocessed(
-            cases,
-            _model_size(config),
-            res.preprocess_actors,
-            budget.actor,
-            config.s3_endpoint,
-            config.batch_size,
-            report.DISPLAY_SIZE if config.overlays else 0,
+    rows = None
+    if todo:
+        rows = (
+            pipeline.preprocessed(
+                todo,
+                _model_size(config),
+                res.preprocess_actors,
+                budget.actor,
+                config.s3_endpoint,
+                config.batch_size,
+                report.DISPLAY_SIZE if config.overlays else 0,
+            )
+            .map_batches(
+                Segmenter,
+                fn_constructor_kwargs={
+                    "model": config.model,
+                    "batch_size": config.batch_size,
+                    "s3_endpoint": config.s3_endpoint,
+                },
+                compute=ray.data.ActorPoolStrategy(size=config.segment_actors),
+                batch_size=config.batch_size,
+                num_cpus=budget.worker,
+                num_gpus=1 if res.use_gpu else 0,
+            )
+            .map_batches(
+                write_masks,
+                fn_kwargs={
+                    "output": config.output,
+                    "threshold": config.threshold,
+                    "s3_endpoint": config.s3_endpoint,
+                    "overlays": config.overlays,
+                    "truth_required": config.masks is not None,
+                },
+                batch_size=config.batch_size,
+                num_cpus=budget.actor,
+            )
         )
-        .map_batches(
-            Segmenter,
-            fn_constructor_kwargs={"model": config.model, "s3_endpoint": config.s3_endpoint},
-            compute=ray.data.ActorPoolStrategy(size=config.segment_actors),
-            batch_size=config.batch_size,
-            num_cpus=budget.worker,
-            num_gpus=1 if res.use_gpu else 0,
-        )
-        .map_batches(
-            write_masks,
-            fn_kwargs={
-                "output": config.output,
-                "threshold": config.threshold,
-                "s3_endpoint": config.s3_endpoint,
-                "overlays": config.overlays,
-            },
-            batch_size=config.batch_size,
-            num_cpus=budget.actor,
-        )
-    )
-    table_uri = storage.join(config.output, TABLE_FILE)
     dice: list[float] = []
     statuses = pipeline.write_table(
         rows,
@@ -223,14 +267,36 @@ def run_segmentation(config: SegmentConfig) -> SegmentResult:
         cases,
         config.s3_endpoint,
         on_table=lambda table: dice.extend(d for d in table["dice"].to_pylist() if d is not None),
+        known=kept,
+        resume=config.resume,
     )
     return SegmentResult(
         output=config.output,
         table=table_uri,
         images=len(cases),
+        flagged=statuses[pipeline.FLAGGED],
         failed=statuses[pipeline.ERROR],
+        resumed=len(kept),
         mean_dice=float(np.mean(dice)) if dice else None,
     )
+
+
+def _resumable(cases: Sequence[catalog.Case], table: str, config: SegmentConfig) -> list[dict]:
+    """The rows of earlier runs that a resumed run keeps (see :func:`run_segmentation`)."""
+    sources = {case.id: case.image for case in cases}
+    written = set(storage.list_files(config.output, config.s3_endpoint))
+
+    def exists(uri: str | None) -> bool:
+        return uri is not None and storage.resolve(uri, config.s3_endpoint)[1] in written
+
+    return [
+        row
+        for row in pipeline.previous_rows(table, SCHEMA, config.s3_endpoint)
+        if sources.get(row["id"]) == row["source"]
+        and row["status"] != pipeline.ERROR
+        and exists(row["mask"])
+        and (exists(row["overlay"]) if config.overlays else row["overlay"] is None)
+    ]
 
 
 def _model_size(config: SegmentConfig) -> int:

@@ -102,14 +102,47 @@ def read_bytes(uri: str, s3_endpoint: str | None = None) -> bytes:
         return f.read()
 
 
-def write_bytes(uri: str, data: bytes, s3_endpoint: str | None = None) -> None:
-    """Write a whole object or file, creating parent directories (not needed on S3)."""
+@contextmanager
+def open_output(uri: str, s3_endpoint: str | None = None):
+    """A stream that writes the object or file ``uri``, creating parent directories (not on S3)."""
     fs, path = resolve(uri, s3_endpoint)
     with explained(uri):
         if not isinstance(fs, pafs.S3FileSystem):
             fs.create_dir(posixpath.dirname(path), recursive=True)
         with fs.open_output_stream(path) as f:
-            f.write(data)
+            yield f
+
+
+def write_bytes(uri: str, data: bytes, s3_endpoint: str | None = None) -> None:
+    """Write a whole object or file, creating parent directories (not needed on S3)."""
+    with open_output(uri, s3_endpoint) as f:
+        f.write(data)
+
+
+def list_files(uri: str, s3_endpoint: str | None = None) -> list[str]:
+    """The paths (as :func:`resolve` gives them) of every file under ``uri``; none if absent."""
+    fs, path = resolve(uri, s3_endpoint)
+    with explained(uri):
+        infos = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
+    return [info.path for info in infos if info.type == pafs.FileType.File]
+
+
+def replace(source: str, target: str, s3_endpoint: str | None = None) -> None:
+    """Move the file ``source`` onto ``target``, replacing it.
+
+    A rename on a local disk (atomic); on S3, which has no rename, a copy then a delete.
+    """
+    fs, path = resolve(source, s3_endpoint)
+    with explained(target):
+        fs.move(path, resolve(target, s3_endpoint)[1])
+
+
+def remove_tree(uri: str, s3_endpoint: str | None = None) -> None:
+    """Delete the folder or prefix ``uri`` and everything under it; nothing if it is absent."""
+    fs, path = resolve(uri, s3_endpoint)
+    with explained(uri):
+        if fs.get_file_info(path).type != pafs.FileType.NotFound:
+            fs.delete_dir(path)
 
 
 def file_type(uri: str, s3_endpoint: str | None = None) -> pafs.FileType:

@@ -15,9 +15,11 @@ import json
 import os
 import shutil
 import tempfile
+from collections import Counter
 from dataclasses import asdict, dataclass
 
 import numpy as np
+import pyarrow as pa
 import ray
 import ray.train
 import ray.train.collective
@@ -30,7 +32,21 @@ from lungseg.metrics import Confusion
 MODEL_FILE = "model.keras"
 BEST_FILE = "best.keras"
 STATE_FILE = "state.json"
+DATA_FILE = "data.parquet"
 COLUMNS = ["epoch", "learning_rate", "loss", "dice", "iou", "val_loss", "val_dice", "val_iou"]
+DATA_SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("source", pa.string()),
+        ("split", pa.string()),
+        ("status", pa.string()),
+        ("error", pa.string()),
+    ]
+)
+"""``data.parquet``: one row per image under ``--data``, with the split it went to."""
+MAX_FAILURES = 2
+"""Times a run restarts its workers from the last checkpoint after one of them died."""
+_FAILED_SHOWN = 10  # failed pairs named in the error when too few are left
 
 
 @dataclass(frozen=True)
@@ -41,6 +57,10 @@ class TrainResult:
     model: str
     metrics: dict
     history: list[dict]
+    table: str  # data.parquet: every image and whether it was trained on
+    images: int
+    flagged: int
+    failed: int
 
 
 def _image_scores(counts: np.ndarray) -> tuple[float, float]:
@@ -74,14 +94,17 @@ def should_stop(history: list[dict], patience: int) -> bool:
 
 
 def train_loop_per_worker(config: dict) -> None:
-    """One Ray Train worker: build or restore the model, then train, validate, report per epoch."""
+    """One Ray Train worker: build or restore the model, then train, validate, report per epoch.
+
+    Test hook: ``LUNGSEG_FAULT_TRAIN_RANK<r>=<epoch>`` makes rank r exit once after the training
+    steps of that epoch, before it is validated and reported (:func:`pipeline.inject_fault`).
+    """
     os.environ.setdefault("KERAS_BACKEND", "tensorflow")
     import keras
     import tensorflow as tf
 
     from lungseg.model import bce_dice_loss, build_unet, cosine_learning_rate, overlap_counts
 
-    ray.data.DataContext.get_current().enable_progress_bars = False  # one bar per val pass is noise
     strategy = tf.distribute.MultiWorkerMirroredStrategy()
     context = ray.train.get_context()
     rank = context.get_world_rank()
@@ -137,6 +160,7 @@ def train_loop_per_worker(config: dict) -> None:
             loss_sum, batch_counts = distributed_step(images, masks)
             loss_total += float(loss_sum)
             counts.append(batch_counts.numpy())
+        pipeline.inject_fault(f"train_rank{rank}", epoch + 1)
         counts = np.concatenate(counts)
         dice, iou = _image_scores(counts)
         row = {"epoch": epoch + 1, "loss": loss_total / len(counts), "dice": dice, "iou": iou}
@@ -207,7 +231,13 @@ def _write_outputs(run: str, checkpoint: ray.train.Checkpoint, config: TrainConf
 def run_training(config: TrainConfig) -> TrainResult:
     """Preprocess the labelled cases on Ray Data, train on Ray Train, write the run folder.
 
-    Rerunning with the same ``output`` resumes from the run's last checkpoint.
+    Every image under ``config.data`` gets a row in ``data.parquet``: ``ok`` (trained or
+    validated on), ``error`` (unreadable, mask of another size, ...; left out) or ``flagged``
+    (no mask, or not in the split file; left out). Training needs at least one readable pair per
+    worker (Ray gives each worker an equal share) and, when the split has validation ids, one
+    readable validation pair; with fewer it stops, naming the failed pairs. A worker that dies
+    restarts the run from its last checkpoint, up to :data:`MAX_FAILURES` times; rerunning with
+    the same ``output`` resumes from the last checkpoint too.
     """
     nodes = sum(node["Alive"] for node in ray.nodes())
     storage.check_shared(config.output, nodes, config.allow_local_output)
@@ -228,7 +258,7 @@ def run_training(config: TrainConfig) -> TrainResult:
     budget = pipeline.CpuBudget.for_cluster(
         config.workers, res.preprocess_actors, config.worker_cpus, res.actor_cpus
     )
-    datasets = {}
+    datasets, rows = {}, []
     for name, cases in parts.items():
         data = pipeline.preprocessed(
             cases,
@@ -237,15 +267,43 @@ def run_training(config: TrainConfig) -> TrainResult:
             budget.actor,
             config.s3_endpoint,
         ).materialize()
-        failed = data.filter(lambda row: row["status"] != pipeline.OK).take_all()
-        for row in failed:
-            print(f"skipped {row['id']} ({row['source']}): {row['error']}")
+        for row in data.select_columns(["id", "source", "status", "error"]).take_all():
+            rows.append(row | {"split": name, "error": row["error"] or None})
         datasets[name] = data.filter(lambda row: row["status"] == pipeline.OK).select_columns(
             ["image", "mask"]
         )
-    if datasets["train"].count() == 0:
-        raise ValueError(f"none of the {len(parts['train'])} training images could be read")
-    print(f"split: {len(parts['train'])} train, {len(parts['val'])} validation images")
+        datasets[name].context.enable_progress_bars = False  # a bar per epoch's pass is noise
+    chosen = {case.id for cases in parts.values() for case in cases}
+    for case in found.cases:
+        if case.id not in chosen:
+            why = "not in the --split file" if case.masks else "no lung mask: not trained on"
+            rows.append(
+                {"id": case.id, "source": case.image, "status": pipeline.FLAGGED, "error": why}
+            )
+    table = storage.join(config.output, DATA_FILE)
+    failed: list[dict] = []
+    statuses = pipeline.write_table(
+        None,
+        table,
+        DATA_SCHEMA,
+        found.cases,
+        config.s3_endpoint,
+        on_table=lambda t: failed.extend(r for r in t.to_pylist() if r["status"] == pipeline.ERROR),
+        known=rows,
+    )
+    for row in failed:
+        print(f"skipped {row['id']} ({row['source']}): {row['error']}")
+    usable = Counter(row["split"] for row in rows if row["status"] == pipeline.OK)
+    if usable["train"] < config.workers or (parts["val"] and not usable["val"]):
+        named = "; ".join(f"{r['id']}: {r['error']}" for r in failed[:_FAILED_SHOWN])
+        more = ", ..." if len(failed) > _FAILED_SHOWN else ""
+        raise ValueError(
+            f"too few readable image/mask pairs: {usable['train']} to train on (at least "
+            f"{config.workers}, one per worker) and {usable['val']} to validate on (at least 1 "
+            f"when the split has validation ids); {len(failed)} failed: {named}{more} "
+            f"(every image is listed in {table})"
+        )
+    print(f"split: {usable['train']} train, {usable['val']} validation images")
 
     fs, path = storage.resolve(config.output, config.s3_endpoint)
     if not os.path.dirname(path):
@@ -273,8 +331,18 @@ def run_training(config: TrainConfig) -> TrainResult:
             storage_path=os.path.dirname(path),
             storage_filesystem=fs,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            failure_config=ray.train.FailureConfig(max_failures=MAX_FAILURES),
         ),
     )
     result = trainer.fit()
     model_uri, history = _write_outputs(config.output, result.checkpoint, config)
-    return TrainResult(run=config.output, model=model_uri, metrics=history[-1], history=history)
+    return TrainResult(
+        run=config.output,
+        model=model_uri,
+        metrics=history[-1],
+        history=history,
+        table=table,
+        images=len(found.cases),
+        flagged=statuses[pipeline.FLAGGED],
+        failed=statuses[pipeline.ERROR],
+    )

@@ -194,7 +194,7 @@ def test_write_table_gives_every_lost_case_an_error_row(tmp_path):
     import ray
 
     from lungseg.catalog import Case
-    from lungseg.pipeline import write_table
+    from lungseg.pipeline import LOST, write_table
 
     cases = [Case("a", "/in/a.png"), Case("b", "/in/b.png")]
     came_out = dict.fromkeys(SCHEMA.names) | {"id": "a", "source": "/in/a.png", "status": "ok"}
@@ -212,5 +212,5 @@ def test_write_table_gives_every_lost_case_an_error_row(tmp_path):
         "id": "b",
         "source": "/in/b.png",
         "status": "error",
-        "error": "lost by the pipeline",
+        "error": LOST,
     }

@@ -44,7 +44,7 @@ def test_segment_job_runs_on_bundled_sample(tmp_path, model_path):
         env={**os.environ, "RAY_ADDRESS": "local"},  # its own Ray, not a cluster found running
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "segmented 16 images (0 failed)" in done.stdout
+    assert "segmented 16 images (0 flagged, 0 failed)" in done.stdout
     assert pq.read_table(tmp_path / "o" / "segmentation.parquet").num_rows == 16
 
 
@@ -73,3 +73,15 @@ def test_clean_job_exits_1_when_an_image_fails(tmp_path):
     assert done.returncode == 1, done.stderr[-3000:]
     assert "cleaned 3 images (0 flagged, 1 failed)" in done.stdout
     assert pq.read_table(tmp_path / "o" / "cleaning.parquet").num_rows == 3
+
+
+@pytest.mark.parametrize("job", ["segment", "train", "clean", "report", "export"])
+def test_s3_endpoint_with_credentials_is_refused_without_echoing_them(job, capsys):
+    argv = [job, "--s3-endpoint", "http://AKIAKEY:top-secret@minio:9000"]
+    if job == "export":
+        argv += ["--output", "out"]
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(argv)
+    err = capsys.readouterr().err
+    assert "must not hold credentials" in err
+    assert "top-secret" not in err and "AKIAKEY" not in err

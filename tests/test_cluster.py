@@ -355,7 +355,7 @@ def test_jobs_on_a_two_node_cluster(cluster, s3, s3_endpoint):
         endpoint,
     )
     assert done.returncode == 0, done.stdout[-5000:] + done.stderr[-2000:]
-    assert "segmented 8 images (0 failed)" in done.stdout
+    assert "segmented 8 images (0 flagged, 0 failed)" in done.stdout
     fs, path = storage.resolve("s3://cluster-runs/segment/exp1/segmentation.parquet", s3_endpoint)
     rows = pq.read_table(path, filesystem=fs).to_pylist()
     assert sorted(r["id"] for r in rows) == SAMPLE_IDS[:8]

@@ -32,7 +32,7 @@ from pydicom.uid import (
 
 from lungseg import catalog, imaging, pipeline
 from lungseg.config import SAMPLE, SegmentConfig
-from lungseg.segment import SCHEMA, run_segmentation
+from lungseg.segment import NO_TRUTH, SCHEMA, run_segmentation
 from tests.conftest import SAMPLE_IDS
 
 
@@ -264,13 +264,14 @@ def test_model_input_identical_for_png_16_bit_png_and_dicom(tmp_path: Path) -> N
     for case_id in SAMPLE_IDS:
         picture = sample_picture(case_id)
         (tmp_path / f"{case_id}.png").write_bytes(png_bytes(picture))
-        records.append({"id": case_id, "source": str(tmp_path / f"{case_id}.png"), "truth": []})
+        cases = [catalog.Case(case_id, str(tmp_path / f"{case_id}.png"))]
         for variant, encode in VARIANTS.items():
             path = tmp_path / f"{case_id}_{variant}"
             path.write_bytes(encode(picture))
-            records.append({"id": path.name, "source": str(path), "truth": []})
+            cases.append(catalog.Case(path.name, str(path)))
+        records += pipeline.case_records(cases)
     preprocess = pipeline.Preprocess(size=256)
-    out = preprocess({key: [r[key] for r in records] for key in ("id", "source", "truth")})
+    out = preprocess({key: [r[key] for r in records] for key in records[0]})
     assert set(out["status"]) == {pipeline.OK}
     images = dict(zip(out["id"], out["image"], strict=True))
     for case_id in SAMPLE_IDS:
@@ -333,7 +334,7 @@ def test_segment_dicom_end_to_end(tmp_path: Path, model_path: str) -> None:
     rows = {row["id"]: row for row in table.to_pylist()}
     assert table.num_rows == len(files) == len(rows)
     assert set(rows) == {"square", "wide", "wide16", "wide_mono1", "IM000001", "broken"}
-    assert (result.images, result.failed) == (6, 1)
+    assert (result.images, result.flagged, result.failed) == (6, 4, 1)
 
     expected = {  # id: (rows, cols, modality, view, row spacing, col spacing)
         "square": (512, 512, "DX", "PA", 0.175, 0.143),
@@ -345,7 +346,9 @@ def test_segment_dicom_end_to_end(tmp_path: Path, model_path: str) -> None:
     written = {}
     for case_id, (height, width, modality, view, row_mm, col_mm) in expected.items():
         row = rows[case_id]
-        assert row["status"] == "ok" and row["error"] is None, row["error"]
+        # Only "square" has a mask among the masks given: the others are flagged, unscored.
+        status = ("ok", None) if case_id == "square" else ("flagged", NO_TRUTH)
+        assert (row["status"], row["error"]) == status
         mask = cv2.imread(row["mask"], cv2.IMREAD_UNCHANGED)
         assert mask.shape == (height, width) == (row["height"], row["width"])
         assert set(np.unique(mask)) <= {0, 255}

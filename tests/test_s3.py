@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import replace
 
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
@@ -62,16 +63,15 @@ def test_segment_bucket_prefix_into_another_bucket(s3, s3_endpoint, tmp_path):
     s3.upload_file(str(tmp_path / "m.keras"), "models", "small/model.keras")
     s3.create_bucket(Bucket="results")
 
-    result = run_segmentation(
-        SegmentConfig(
-            model="s3://models/small/model.keras",
-            input=f"{data}/images",
-            masks=f"{data}/masks",
-            output="s3://results/batch1",
-            batch_size=2,
-            s3_endpoint=s3_endpoint,
-        )
+    config = SegmentConfig(
+        model="s3://models/small/model.keras",
+        input=f"{data}/images",
+        masks=f"{data}/masks",
+        output="s3://results/batch1",
+        batch_size=2,
+        s3_endpoint=s3_endpoint,
     )
+    result = run_segmentation(config)
     assert result.table == "s3://results/batch1/segmentation.parquet"
     table = pq.read_table("results/batch1/segmentation.parquet", filesystem=_fs(s3_endpoint))
     rows = {r["id"]: r for r in table.to_pylist()}
@@ -85,6 +85,16 @@ def test_segment_bucket_prefix_into_another_bucket(s3, s3_endpoint, tmp_path):
         assert head["ContentLength"] > 0
     assert rows["broken"]["status"] == "error" and "ImageDecodeError" in rows["broken"]["error"]
     assert S3_SECRET.encode() not in table.to_pandas().to_csv().encode()
+    keys = {o["Key"] for o in s3.list_objects_v2(Bucket="results")["Contents"]}
+    assert not [k for k in keys if ".parts/" in k], "the journal is removed from the bucket"
+
+    # Resumed in the bucket: the 5 done images are kept, the broken one is tried again.
+    resumed = run_segmentation(replace(config, resume=True))
+    assert (resumed.resumed, resumed.images, resumed.failed) == (5, 6, 1)
+    again = pq.read_table("results/batch1/segmentation.parquet", filesystem=_fs(s3_endpoint))
+    assert sorted(again.to_pylist(), key=lambda r: r["id"]) == sorted(
+        rows.values(), key=lambda r: r["id"]
+    )
 
 
 def test_object_gone_mid_run_becomes_error_row(s3, s3_endpoint):

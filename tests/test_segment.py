@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from lungseg.config import SegmentConfig
-from lungseg.segment import SCHEMA, run_segmentation
+from lungseg.segment import NO_TRUTH, SCHEMA, run_segmentation
 from tests.conftest import SAMPLE_IDS, copy_sample
 
 pytestmark = [pytest.mark.usefixtures("local_ray"), pytest.mark.timeout(300)]
@@ -42,13 +42,16 @@ def test_segment_folder_with_masks(tmp_path, model_path):
     rows = {row["id"]: row for row in table.to_pylist()}
     expected = {*SAMPLE_IDS[:4], "wide16", "unlabelled", "broken"}
     assert table.num_rows == len(expected) and set(rows) == expected
-    assert (result.images, result.failed) == (7, 1)
+    assert (result.images, result.flagged, result.failed, result.resumed) == (7, 1, 1, 0)
 
     sizes = {case_id: (512, 512) for case_id in SAMPLE_IDS[:4]}
     sizes |= {"wide16": (300, 400), "unlabelled": (320, 256)}
     for case_id, (height, width) in sizes.items():
         row = rows[case_id]
-        assert row["status"] == "ok" and row["error"] is None
+        if case_id == "unlabelled":  # masks were given, but none for this image
+            assert (row["status"], row["error"]) == ("flagged", NO_TRUTH)
+        else:
+            assert row["status"] == "ok" and row["error"] is None
         written = cv2.imread(row["mask"], cv2.IMREAD_UNCHANGED)
         assert Path(row["mask"]) == out / "masks" / f"{case_id}.png"
         assert written.shape == (height, width) == (row["height"], row["width"])

@@ -1,0 +1,86 @@
+"""The benchmark at tiny sizes: every row runs and the result is well formed (nothing timed)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import keras
+import pytest
+
+from lungseg.benchmark import (
+    conv_flops,
+    format_table,
+    replicate,
+    run_benchmark,
+    session_processes,
+)
+from lungseg.config import BENCHMARK_STAGES, BenchmarkConfig, ModelConfig
+from tests.conftest import SAMPLE_IDS, copy_sample
+
+
+def test_conv_flops_counts_convolutions_and_transposed_ones():
+    model = keras.Sequential(
+        [
+            keras.Input((8, 8, 3)),
+            keras.layers.Conv2D(4, 3, padding="same"),
+            keras.layers.Conv2DTranspose(2, 2, strides=2),
+        ]
+    )
+    assert conv_flops(model) == 2 * 8 * 8 * 9 * 3 * 4 + 2 * 8 * 8 * 4 * 4 * 2
+
+
+def test_replicate_links_sources_round_robin_under_new_ids(tmp_path):
+    root = copy_sample(tmp_path / "data", SAMPLE_IDS[:2], masks=False)
+    sources = sorted(str(p) for p in (root / "images").iterdir())
+    folder = replicate(sources, 5, tmp_path / "copies")
+    assert sorted(p.name for p in folder.iterdir()) == [f"x{i:06d}.png" for i in range(5)]
+    assert (folder / "x000004.png").read_bytes() == Path(sources[0]).read_bytes()
+
+
+def test_session_processes_include_children():
+    alone = sum(rss for _, _, rss in session_processes().values())
+    code = "import sys; x = bytearray(300 * 2**20); print(flush=True); sys.stdin.read()"
+    child = subprocess.Popen(
+        [sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE
+    )
+    try:
+        child.stdout.readline()  # the child has touched its 300 MiB
+        processes = session_processes()
+        assert (
+            processes[os.getpid()][0] == "driver"
+            and processes[child.pid][0] == Path(sys.executable).name
+        )
+        assert sum(rss for _, _, rss in processes.values()) - alone > 250 * 2**20
+    finally:
+        child.communicate(b"")
+
+
+@pytest.mark.usefixtures("local_ray")
+@pytest.mark.timeout(300)
+def test_benchmark_runs_every_stage_at_tiny_sizes(tmp_path, model_path):
+    root = copy_sample(tmp_path / "data", SAMPLE_IDS[:2])
+    result = run_benchmark(
+        BenchmarkConfig(
+            input=str(root),
+            output=str(tmp_path / "out"),
+            model=model_path,
+            images=8,
+            memory_images=(4, 8),
+            train_images=4,
+            train_model=ModelConfig(size=64, base_filters=4, depth=2),
+            batch_size=4,
+            rounds=1,
+        )
+    )
+    saved = json.loads(Path(result.json).read_text())
+    assert [row["stage"] for row in saved["rows"]] == list(BENCHMARK_STAGES)
+    for row in saved["rows"]:
+        assert row["baseline_value"] > 0 and row["value"] > 0 and row["ratio"] > 0
+        assert isinstance(row["met"], bool) and row["goal"][:2] in (">=", "<=")
+    assert saved["model"]["gflops_per_image"] > 0 and saved["machine"]["matmul_gflops"] > 0
+    table = format_table(result)
+    assert all(f"| {stage} |" in table for stage in BENCHMARK_STAGES)
