@@ -277,7 +277,8 @@ def run_cleaning(config: CleanConfig) -> CleanSummary:
     print(f"catalog: {found.summary()}")
     res = config.resources
     budget = pipeline.CpuBudget.for_cluster(0, res.preprocess_actors, None, res.actor_cpus)
-    rows = pipeline.case_dataset(found.cases, config.batch_size).map_batches(
+    batch_size = pipeline.task_batch(len(found.cases), res.preprocess_actors, config.batch_size)
+    rows = pipeline.case_dataset(found.cases, batch_size).map_batches(
         Cleaner,
         fn_constructor_kwargs={
             "output": config.output,
@@ -285,7 +286,7 @@ def run_cleaning(config: CleanConfig) -> CleanSummary:
             "s3_endpoint": config.s3_endpoint,
         },
         compute=ray.data.ActorPoolStrategy(size=res.preprocess_actors),
-        batch_size=config.batch_size,
+        batch_size=batch_size,
         num_cpus=budget.actor,
     )
     first = {case.id for case in found.cases[: config.sheet]}

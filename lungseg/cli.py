@@ -20,6 +20,7 @@ from lungseg.config import (
     DEFAULT_RUN,
     DEFAULT_SEGMENT_OUTPUT,
     INVERT_RULES,
+    PREPROCESS_BATCH,
     SAMPLE,
     BenchmarkConfig,
     CleanConfig,
@@ -229,7 +230,9 @@ def _add_clean(commands: argparse._SubParsersAction) -> None:
     clean.add_argument(
         "--sheet", type=int, default=8, help="images on the contact sheet, first by id (0: none)"
     )
-    clean.add_argument("--batch-size", type=int, default=8, help="images per actor call")
+    clean.add_argument(
+        "--batch-size", type=int, default=PREPROCESS_BATCH, help="most images per actor call"
+    )
     p = CleanParams()
     steps = clean.add_argument_group("cleaning steps")
     steps.add_argument("--size", type=int, default=p.size, help="output side in pixels")

@@ -250,6 +250,12 @@ def normalise(gray: np.ndarray) -> np.ndarray:
     out = np.zeros(gray.shape, np.uint8)
     if not hi > lo:
         return out
+    if gray.dtype in (np.uint8, np.uint16):  # the same formula once per level, then a look-up
+        levels = np.arange(int(hi) + 1, dtype=np.float64)
+        lut = np.floor((levels - lo) * 255.0 / (hi - lo) + 0.5).clip(0, 255).astype(np.uint8)
+        if gray.dtype == np.uint8:
+            return cv2.LUT(gray, np.pad(lut, (0, 256 - lut.size)))
+        return np.take(lut, gray)
     # In bands of rows, so that the float64 temporaries stay small whatever the image's size.
     step = max(1, _NORMALISE_CHUNK // max(1, math.prod(gray.shape[1:])))
     for top in range(0, gray.shape[0], step):

@@ -18,6 +18,7 @@ import ray
 
 from lungseg import imaging, report, storage
 from lungseg.catalog import Case
+from lungseg.config import PREPROCESS_BATCH
 
 OK, FLAGGED, ERROR = "ok", "flagged", "error"
 """Row statuses: done; done but worth a look (why in ``error``); failed (why in ``error``)."""
@@ -162,19 +163,24 @@ class Preprocess:
         return out
 
 
+def task_batch(images: int, actors: int, most: int = PREPROCESS_BATCH) -> int:
+    """Images per preprocessing task: ``most``, or fewer so that each actor gets four tasks."""
+    return max(1, min(most, -(-images // (4 * max(actors, 1)))))
+
+
 def preprocessed(
     cases: tuple[Case, ...] | list[Case],
     size: int,
     actors: int,
     actor_cpus: float,
     s3_endpoint: str | None = None,
-    batch_size: int = 8,
     display: int = 0,
 ) -> ray.data.Dataset:
     """A lazy dataset of preprocessed cases, decoded in a pool of ``actors`` OpenCV actors.
 
     ``display`` > 0 adds the ``display_png`` column (see :class:`Preprocess`).
     """
+    batch_size = task_batch(len(cases), actors)
     return case_dataset(cases, batch_size).map_batches(
         Preprocess,
         fn_constructor_kwargs={"size": size, "s3_endpoint": s3_endpoint, "display": display},

@@ -231,7 +231,6 @@ def run_segmentation(config: SegmentConfig) -> SegmentResult:
                 res.preprocess_actors,
                 budget.actor,
                 config.s3_endpoint,
-                config.batch_size,
                 report.DISPLAY_SIZE if config.overlays else 0,
             )
             .map_batches(

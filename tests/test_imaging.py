@@ -175,6 +175,13 @@ def test_normalise_float_linear_reencoding_is_exact(picture: np.ndarray) -> None
     np.testing.assert_array_equal(normalise(picture * 2.0 - 1024.0), normalise(picture))
 
 
+@pytest.mark.parametrize(("dtype", "top"), [(np.uint8, 255), (np.uint16, 4095), (np.uint16, 65535)])
+def test_normalise_lookup_equals_arithmetic(dtype: type, top: int) -> None:
+    # uint8/uint16 go through a look-up table; int32 takes the per-pixel float64 path.
+    image = np.random.default_rng(top).integers(3, top, (64, 80)).astype(dtype)
+    np.testing.assert_array_equal(normalise(image), normalise(image.astype(np.int32)))
+
+
 def test_normalise_float_rounds_half_up() -> None:
     # lo = -1, hi = 1: 0 -> 127.5 -> 128, 0.25 -> 159.375 -> 159
     assert normalise(np.array([[-1.0, 0.0, 0.25, 1.0]])).tolist() == [[0, 128, 159, 255]]
