@@ -11,7 +11,7 @@ kept, because shared machines are noisy:
 3. training: the second of two epochs (steady state: Ray Train's start-up and tracing left out)
    of ``model.fit`` on in-memory arrays vs :func:`lungseg.train.train_loop_per_worker` on Ray
    Train with one worker and the same arrays, seconds;
-4. memory: the peak resident memory of the whole Ray session (the driver and every process under
+4. memory: the peak memory (PSS) of the whole Ray session (the driver and every process under
    it: GCS, raylet with the object store, workers) segmenting a small vs a large set, MiB.
 
 The memory row needs a Ray started by this process (``ray.init()`` with no cluster running).
@@ -29,7 +29,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -50,7 +50,8 @@ class Row:
     """One ratio: the Ray side against its baseline, measured in one run on the same inputs.
 
     Values are in ``unit``; ``*_cores`` are the CPU seconds of the whole session per wall
-    second of each side's best run, ``profile`` the Ray side's top CPU consumers in it.
+    second of each side's best run, ``profile`` the Ray side's top CPU consumers in it (the
+    memory row: its top holders of memory at the peak).
     """
 
     stage: str
@@ -154,8 +155,13 @@ def matmul_gflops(n: int = 2048, repeats: int = 3) -> float:
 
 
 def session_processes(root: int | None = None) -> dict[int, tuple[str, float, int]]:
-    """``pid -> (title, CPU seconds, resident bytes)`` of process ``root`` (default: this one,
-    titled ``driver``) and all its descendants; Ray workers by their ``ray::...`` title."""
+    """``pid -> (title, CPU seconds, memory bytes)`` of process ``root`` (default: this one,
+    titled ``driver``) and all its descendants; Ray workers by their ``ray::...`` title.
+
+    Memory is the proportional set size (PSS): resident pages, those shared by n processes
+    counted 1/n in each, so that a sum over processes counts Ray's shared-memory object store
+    once (a sum of RSS counts it in the raylet and again in every worker that maps an object).
+    """
     root = root or os.getpid()
     stats: dict[int, list[str]] = {}
     children: dict[int, list[int]] = {}
@@ -176,31 +182,46 @@ def session_processes(root: int | None = None) -> dict[int, tuple[str, float, in
         if pid in stats:
             fields = stats[pid]
             cpu = (int(fields[11]) + int(fields[12])) / tick  # utime + stime
-            found[pid] = ("driver" if pid == root else _title(pid), cpu, int(fields[21]) * page)
+            memory = _pss(pid)
+            title = "driver" if pid == root else _title(pid)
+            found[pid] = (title, cpu, int(fields[21]) * page if memory is None else memory)
     return found
 
 
+def _pss(pid: int) -> int | None:
+    """A process's proportional set size in bytes, None where the kernel does not tell."""
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("Pss:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        return None
+
+
 def _title(pid: int) -> str:
-    """A process's Ray title (``MapWorker(MapBatches(Preprocess))``) or program name."""
+    """A process's Ray title (``MapWorker(MapBatches(Preprocess))``), else the Python script
+    it runs, else its command name (``raylet``)."""
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
             args = [a.decode(errors="replace") for a in f.read().split(b"\0") if a]
-    except OSError:
+        if args and args[0].startswith("ray::"):
+            return args[0].split()[0].removeprefix("ray::")
+        script = next((a for a in args[1:] if a.endswith(".py") and " " not in a), None)
+        if script:
+            return os.path.basename(script)
+        with open(f"/proc/{pid}/comm") as f:
+            return f.read().strip() or "?"
+    except OSError:  # gone meanwhile
         return "?"
-    if not args:
-        return "?"
-    if args[0].startswith("ray::"):
-        return args[0].split()[0].removeprefix("ray::")
-    script = next((a for a in args[1:] if a.endswith(".py")), args[0])
-    return os.path.basename(script)
 
 
 class SessionMonitor:
     """Context manager sampling :func:`session_processes` every ``SAMPLE_SECONDS``: the peak
-    of the summed resident memory and the CPU seconds spent meanwhile, by process title."""
+    of the summed memory, that peak by process title, and the CPU seconds spent meanwhile by
+    process title."""
 
     def __init__(self) -> None:
-        self.peak_rss = 0
+        self.peak_memory = 0
+        self.peak_by_title: Counter[str] = Counter()
         self.cpu: Counter[str] = Counter()
         self._last: dict[int, float] | None = None
         self._done = threading.Event()
@@ -208,7 +229,12 @@ class SessionMonitor:
 
     def _sample(self) -> None:
         processes = session_processes()
-        self.peak_rss = max(self.peak_rss, sum(rss for _, _, rss in processes.values()))
+        total = sum(rss for _, _, rss in processes.values())
+        if total > self.peak_memory:
+            self.peak_memory = total
+            self.peak_by_title = Counter()
+            for title, _, rss in processes.values():
+                self.peak_by_title[title] += rss
         last = self._last
         for pid, (title, cpu, _) in processes.items():
             # A process born after the first sample spent all its CPU time in the window.
@@ -233,12 +259,14 @@ class SessionMonitor:
 @dataclass(frozen=True)
 class Measurement:
     """One run of one side: its wall seconds, its figure (seconds unless the side reports
-    another, e.g. one epoch's), the session's CPU seconds by process title, its peak RSS."""
+    another, e.g. one epoch's), the session's CPU seconds by process title, its peak memory
+    (PSS, see :func:`session_processes`) and that peak by process title."""
 
     seconds: float
     value: float
     cpu: dict[str, float]
-    peak_rss: int
+    peak_memory: int
+    memory: dict[str, int]
 
     @property
     def cores(self) -> float:
@@ -250,6 +278,11 @@ class Measurement:
         ranked = sorted(self.cpu.items(), key=lambda item: -item[1])[:top]
         return ", ".join(f"{title} {seconds:.1f} s" for title, seconds in ranked)
 
+    def memory_profile(self, top: int = 4) -> str:
+        """The ``top`` holders of memory at the peak, e.g. ``raylet 2,100 MiB, driver 900 MiB``."""
+        ranked = sorted(self.memory.items(), key=lambda item: -item[1])[:top]
+        return ", ".join(f"{title} {size / 2**20:,.0f} MiB" for title, size in ranked)
+
 
 def _measure(run: Callable[[], float | None]) -> Measurement:
     """Run ``run`` under a :class:`SessionMonitor`; its figure is what it returns, else the
@@ -259,7 +292,13 @@ def _measure(run: Callable[[], float | None]) -> Measurement:
         value = run()
         seconds = time.perf_counter() - started
     cpu = {title: round(t, 2) for title, t in monitor.cpu.items() if t > 0}
-    return Measurement(seconds, seconds if value is None else value, cpu, monitor.peak_rss)
+    return Measurement(
+        seconds,
+        seconds if value is None else value,
+        cpu,
+        monitor.peak_memory,
+        dict(monitor.peak_by_title),
+    )
 
 
 def _alternate(rounds: int, sides: dict[str, Callable[[], float | None]]) -> list[Measurement]:
@@ -361,27 +400,15 @@ def _plain_epoch(config: BenchmarkConfig, images: np.ndarray, masks: np.ndarray)
     return stamps[3] - stamps[2]
 
 
-class _ReportClock(ray.train.UserCallback):
-    """Appends the time of every ``ray.train.report`` to a file (it runs in the Train
-    controller, not in the driver)."""
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-
-    def after_report(self, run_context, metrics, checkpoint) -> None:
-        with open(self.path, "a") as f:
-            f.write(f"{time.time()}\n")
-
-
 def _ray_epoch(config: BenchmarkConfig, images: np.ndarray, masks: np.ndarray, work: Path) -> float:
-    """Seconds between the reports of the first and the second epoch of the training job's
-    loop on Ray Train with one worker (training, validating nothing, checkpointing)."""
+    """Seconds of the second of two epochs of the training job's loop on Ray Train with one
+    worker, as the worker measured them (its ``seconds``: training steps, checkpointing left
+    out as it is from ``model.fit``)."""
     data = ray.data.from_items(
         [{"image": x, "mask": y} for x, y in zip(images, masks, strict=True)],
         override_num_blocks=max(1, len(images) // (4 * config.batch_size)),
     )
     folder = Path(tempfile.mkdtemp(dir=work, prefix="train-"))
-    clock = folder / "reports.txt"
     trainer = TensorflowTrainer(
         train.train_loop_per_worker,
         train_loop_config={
@@ -399,13 +426,9 @@ def _ray_epoch(config: BenchmarkConfig, images: np.ndarray, masks: np.ndarray, w
         ),
         datasets={"train": data, "val": data.limit(0)},
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
-        run_config=ray.train.RunConfig(
-            name="run", storage_path=str(folder), callbacks=[_ReportClock(str(clock))]
-        ),
+        run_config=ray.train.RunConfig(name="run", storage_path=str(folder)),
     )
-    trainer.fit()
-    first, second = (float(t) for t in clock.read_text().split())
-    return second - first
+    return trainer.fit().metrics["seconds"]
 
 
 def _preprocessing_row(config: BenchmarkConfig, folder: Path, size: int) -> Row:
@@ -478,8 +501,8 @@ def _training_row(config: BenchmarkConfig, work: Path) -> Row:
         1.10,
         False,
         f"{len(images)} images of {size}x{size} in memory, batch {config.batch_size}; the "
-        f"second of 2 epochs, start-up excluded (whole runs: {runs[0].seconds:.0f} vs "
-        f"{runs[1].seconds:.0f} s)",
+        f"second of 2 epochs, start-up and checkpointing excluded (whole runs: "
+        f"{runs[0].seconds:.0f} vs {runs[1].seconds:.0f} s)",
     )
 
 
@@ -490,7 +513,11 @@ def _memory_run(
     folder, output = work / f"memory-{count}", work / f"memory-out-{count}"
     replicate(sources, count, folder)
     run = _measure(lambda: _ray_segment(config, folder, output))
-    print(f"  {count} images: {run.seconds:.0f} s, peak {run.peak_rss / 2**20:.0f} MiB", flush=True)
+    print(
+        f"  {count} images: {run.seconds:.0f} s, peak {run.peak_memory / 2**20:.0f} MiB: "
+        f"{run.memory_profile(6)}",
+        flush=True,
+    )
     shutil.rmtree(folder)
     shutil.rmtree(output)
     return run
@@ -499,18 +526,19 @@ def _memory_run(
 def _memory_row(config: BenchmarkConfig, sources: Sequence[str], work: Path) -> Row:
     runs = [_memory_run(config, sources, count, work) for count in config.memory_images]
     small, large = config.memory_images
-    return _row(
+    row = _row(
         "memory",
         (f"{small} images", f"{large} images"),
         "MiB",
         runs,
-        (runs[0].peak_rss / 2**20, runs[1].peak_rss / 2**20),
+        (runs[0].peak_memory / 2**20, runs[1].peak_memory / 2**20),
         1.2,
         False,
-        "peak RSS summed over the driver and every process under it (GCS, raylet, workers), "
-        f"sampled every {SAMPLE_SECONDS:g} s, segment pipeline "
+        "peak PSS summed over the driver and every process under it (GCS, raylet with the "
+        f"object store, workers), sampled every {SAMPLE_SECONDS:g} s, segment pipeline "
         f"({runs[0].seconds:.0f} and {runs[1].seconds:.0f} s)",
     )
+    return replace(row, profile=f"at the peak: {runs[1].memory_profile()}")
 
 
 def _machine() -> dict:
@@ -586,7 +614,7 @@ def format_table(result: BenchmarkResult) -> str:
             f"| {r.baseline_cores:.2f} / {r.cores:.2f} | {r.note} |"
         )
     lines.append("")
-    lines.extend(f"CPU seconds of the Ray side, {r.stage}: {r.profile}" for r in result.rows)
+    lines.extend(f"Ray side, {r.stage}: {r.profile}" for r in result.rows)
     m, model = result.machine, result.model
     lines.append(
         f"machine: {m['cpu']}, {m['cores']} cores ({m['ray_cpus']:g} for Ray), "

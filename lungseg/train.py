@@ -15,6 +15,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from collections import Counter
 from dataclasses import asdict, dataclass
 
@@ -33,7 +34,10 @@ MODEL_FILE = "model.keras"
 BEST_FILE = "best.keras"
 STATE_FILE = "state.json"
 DATA_FILE = "data.parquet"
-COLUMNS = ["epoch", "learning_rate", "loss", "dice", "iou", "val_loss", "val_dice", "val_iou"]
+COLUMNS = [
+    "epoch", "learning_rate", "loss", "dice", "iou", "val_loss", "val_dice", "val_iou", "seconds"
+]  # fmt: skip
+"""metrics.csv; ``seconds`` is the epoch's training and validation, checkpointing left out."""
 DATA_SCHEMA = pa.schema(
     [
         ("id", pa.string()),
@@ -154,6 +158,7 @@ def train_loop_per_worker(config: dict) -> None:
         if should_stop(history, config["patience"]):
             break
         optimizer.learning_rate.assign(cosine_learning_rate(config["learning_rate"], epoch, epochs))
+        started = time.perf_counter()
         rng = np.random.default_rng([config["seed"], rank, epoch]) if config["augment"] else None
         loss_total, counts = 0.0, []
         for images, masks in _batches(train_shard, batch_size, 4 * batch_size, rng):
@@ -177,6 +182,7 @@ def train_loop_per_worker(config: dict) -> None:
                 val_dice, val_iou = _image_scores(val_counts)
                 row |= {"val_loss": val_loss / len(val_counts), "val_dice": val_dice}
                 row |= {"val_iou": val_iou}
+            row["seconds"] = time.perf_counter() - started
             # Without validation the last epoch counts as the best.
             improved = "val_dice" not in row or row["val_dice"] > max(
                 (r["val_dice"] for r in history), default=-1.0
@@ -193,6 +199,7 @@ def train_loop_per_worker(config: dict) -> None:
                 json.dump({"history": history, "config": config}, f)
             checkpoint = ray.train.Checkpoint.from_directory(folder)
         else:
+            row["seconds"] = time.perf_counter() - started
             history.append(row)
         ray.train.report(row, checkpoint=checkpoint)
         if checkpoint is not None:
