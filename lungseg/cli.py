@@ -20,6 +20,7 @@ from lungseg.config import (
     DEFAULT_RUN,
     DEFAULT_SEGMENT_OUTPUT,
     INVERT_RULES,
+    PRECISIONS,
     PREPROCESS_BATCH,
     SAMPLE,
     BenchmarkConfig,
@@ -196,6 +197,13 @@ def _add_segment_arguments(parser: argparse.ArgumentParser, output: str) -> None
     parser.add_argument("--output", default=output, help="output root")
     parser.add_argument("--batch-size", type=int, default=8, help="images per model call")
     parser.add_argument("--threshold", type=float, default=0.5, help="lung probability cut")
+    parser.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default="float32",
+        help="what the model computes in: bfloat16 runs on the bf16 units of recent CPUs (AMX) "
+        "and GPUs, float16 on GPU tensor cores; masks then differ slightly from float32's",
+    )
     parser.add_argument("--segment-actors", type=int, default=1, help="model-serving actors")
     parser.add_argument(
         "--overlays",
@@ -364,6 +372,7 @@ def _config(
         s3_endpoint=args.s3_endpoint,
         overlays=args.overlays,
         resume=args.resume,
+        precision=args.precision,
     )
 
 

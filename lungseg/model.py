@@ -7,6 +7,8 @@ import math
 import keras
 from keras import layers, ops
 
+from lungseg.config import PRECISIONS
+
 
 def _conv_block(x, filters: int, name: str):
     for i in (1, 2):
@@ -42,6 +44,28 @@ def build_unet(
         x = _conv_block(x, filters, f"dec{level}")
     outputs = layers.Conv2D(1, 1, activation="sigmoid", name="lung")(x)
     return keras.Model(inputs, outputs, name=f"unet{size}_f{base_filters}_d{depth}")
+
+
+def with_precision(model: keras.Model, precision: str) -> keras.Model:
+    """``model`` rebuilt to compute in ``precision`` (Keras mixed precision: variables stay
+    float32, the output layer computes in float32), sharing nothing with the original.
+
+    bfloat16 uses the bf16 units of recent CPUs (AMX) and of GPUs, float16 the tensor cores of
+    GPUs; probabilities then differ from float32 in the second or third decimal place.
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if precision == "float32":
+        return model
+    config = model.get_config()
+    outputs = set(model.output_names)
+    for layer in config["layers"]:
+        if layer["class_name"] != "InputLayer":
+            policy = "float32" if layer["name"] in outputs else f"mixed_{precision}"
+            layer["config"]["dtype"] = policy
+    rebuilt = model.__class__.from_config(config)
+    rebuilt.set_weights(model.get_weights())
+    return rebuilt
 
 
 def bce_dice_loss(truth, probability, smooth: float = 1.0):

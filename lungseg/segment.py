@@ -101,9 +101,17 @@ class Segmenter:
     (:func:`lungseg.pipeline.inject_fault`).
     """
 
-    def __init__(self, model: str, batch_size: int, s3_endpoint: str | None = None) -> None:
+    def __init__(
+        self,
+        model: str,
+        batch_size: int,
+        s3_endpoint: str | None = None,
+        precision: str = "float32",
+    ) -> None:
+        from lungseg.model import with_precision
+
         single_inter_op_thread()
-        self.model = load_model(model, s3_endpoint)
+        self.model = with_precision(load_model(model, s3_endpoint), precision)
         self.batch_size = batch_size
         self.batches = 0
 
@@ -254,6 +262,7 @@ def run_segmentation(config: SegmentConfig) -> SegmentResult:
                     "model": config.model,
                     "batch_size": config.batch_size,
                     "s3_endpoint": config.s3_endpoint,
+                    "precision": config.precision,
                 },
                 compute=ray.data.ActorPoolStrategy(size=config.segment_actors),
                 batch_size=config.batch_size,

@@ -60,6 +60,28 @@ def test_bundled_model_segments_the_sample_and_summary_matches_parquet(tmp_path)
 
 @pytest.mark.usefixtures("local_ray")
 @pytest.mark.timeout(300)
+def test_bfloat16_segments_the_sample_like_float32(tmp_path):
+    # bfloat16 keeps 8 bits of mantissa: probabilities move in the second or third decimal, so
+    # a few boundary pixels flip; the scores must stay those of the model.
+    config = SegmentConfig(
+        input=f"{SAMPLE}/images",
+        masks=f"{SAMPLE}/masks",
+        output=str(tmp_path / "bf16"),
+        precision="bfloat16",
+    )
+    summary = run_evaluation(config)
+    assert summary["overall"]["scored"] == 16 and summary["failed"] == []
+    assert summary["overall"]["dice"]["mean"] >= MEAN_DICE_FLOOR, summary["overall"]
+    assert summary["overall"]["dice"]["min"] >= MIN_DICE_FLOOR, summary["worst"][:3]
+
+
+def test_unknown_precision_is_refused():
+    with pytest.raises(ValueError, match="precision must be one of"):
+        SegmentConfig(precision="int8")
+
+
+@pytest.mark.usefixtures("local_ray")
+@pytest.mark.timeout(300)
 def test_evaluate_only_the_split_subset(tmp_path):
     split = tmp_path / "split.json"
     split.write_text(json.dumps({"train": SAMPLE_IDS[2:], "val": SAMPLE_IDS[:2]}))

@@ -9,7 +9,7 @@ import pytest
 from keras import ops
 
 from lungseg.metrics import confusion
-from lungseg.model import bce_dice_loss, build_unet, overlap_counts
+from lungseg.model import bce_dice_loss, build_unet, overlap_counts, with_precision
 
 
 def _np(x) -> np.ndarray:
@@ -164,3 +164,28 @@ def test_overlap_counts_agree_with_numpy_confusion(seed: int) -> None:
     for i in range(4):
         c = confusion(prob[i, ..., 0] >= 0.5, truth[i, ..., 0])
         assert counts[i].tolist() == [c.tp, c.fp, c.fn]
+
+
+# --- with_precision -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("precision", ["bfloat16", "float16"])
+def test_with_precision_computes_in_half_keeps_weights_and_float32_output(precision: str) -> None:
+    model = build_unet(size=32, base_filters=4, depth=2)
+    half = with_precision(model, precision)
+    assert half is not model
+    assert half.get_layer("down0_conv1").compute_dtype == precision
+    assert half.get_layer("lung").compute_dtype == "float32"
+    for ours, theirs in zip(half.get_weights(), model.get_weights(), strict=True):
+        np.testing.assert_array_equal(ours, theirs)
+    x = np.random.default_rng(0).integers(0, 256, (2, 32, 32, 1)).astype(np.float32)
+    out = _np(half(x, training=False))
+    assert out.dtype == np.float32
+    np.testing.assert_allclose(out, _np(model(x, training=False)), atol=0.05)
+
+
+def test_with_precision_float32_is_the_model_and_others_are_refused() -> None:
+    model = build_unet(size=32, base_filters=4, depth=2)
+    assert with_precision(model, "float32") is model
+    with pytest.raises(ValueError, match="precision must be one of"):
+        with_precision(model, "int8")
