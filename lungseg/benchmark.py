@@ -154,13 +154,17 @@ def matmul_gflops(n: int = 2048, repeats: int = 3) -> float:
     return 2 * n**3 / best / 1e9
 
 
-def session_processes(root: int | None = None) -> dict[int, tuple[str, float, int]]:
+def session_processes(
+    root: int | None = None, pss: bool = False
+) -> dict[int, tuple[str, float, int]]:
     """``pid -> (title, CPU seconds, memory bytes)`` of process ``root`` (default: this one,
     titled ``driver``) and all its descendants; Ray workers by their ``ray::...`` title.
 
-    Memory is the proportional set size (PSS): resident pages, those shared by n processes
-    counted 1/n in each, so that a sum over processes counts Ray's shared-memory object store
-    once (a sum of RSS counts it in the raylet and again in every worker that maps an object).
+    Memory is the resident set size (RSS), or with ``pss`` the proportional set size:
+    resident pages, those shared by n processes counted 1/n in each, so that a sum over
+    processes counts Ray's shared-memory object store once (a sum of RSS counts it in the
+    raylet and again in every worker that maps an object). PSS costs the kernel a walk of each
+    process's page tables: tens of milliseconds per sample in a Ray session.
     """
     root = root or os.getpid()
     stats: dict[int, list[str]] = {}
@@ -182,7 +186,7 @@ def session_processes(root: int | None = None) -> dict[int, tuple[str, float, in
         if pid in stats:
             fields = stats[pid]
             cpu = (int(fields[11]) + int(fields[12])) / tick  # utime + stime
-            memory = _pss(pid)
+            memory = _pss(pid) if pss else None
             title = "driver" if pid == root else _title(pid)
             found[pid] = (title, cpu, int(fields[21]) * page if memory is None else memory)
     return found
@@ -208,18 +212,19 @@ def _title(pid: int) -> str:
         script = next((a for a in args[1:] if a.endswith(".py") and " " not in a), None)
         if script:
             return os.path.basename(script)
-        with open(f"/proc/{pid}/comm") as f:
-            return f.read().strip() or "?"
+        with open(f"/proc/{pid}/comm") as f:  # 15 characters at most
+            return f.read().strip().removeprefix("ray::") or "?"
     except OSError:  # gone meanwhile
         return "?"
 
 
 class SessionMonitor:
     """Context manager sampling :func:`session_processes` every ``SAMPLE_SECONDS``: the peak
-    of the summed memory, that peak by process title, and the CPU seconds spent meanwhile by
-    process title."""
+    of the summed memory (PSS with ``pss``, else RSS), that peak by process title, and the CPU
+    seconds spent meanwhile by process title."""
 
-    def __init__(self) -> None:
+    def __init__(self, pss: bool = False) -> None:
+        self.pss = pss
         self.peak_memory = 0
         self.peak_by_title: Counter[str] = Counter()
         self.cpu: Counter[str] = Counter()
@@ -228,7 +233,7 @@ class SessionMonitor:
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _sample(self) -> None:
-        processes = session_processes()
+        processes = session_processes(pss=self.pss)
         total = sum(rss for _, _, rss in processes.values())
         if total > self.peak_memory:
             self.peak_memory = total
@@ -284,10 +289,10 @@ class Measurement:
         return ", ".join(f"{title} {size / 2**20:,.0f} MiB" for title, size in ranked)
 
 
-def _measure(run: Callable[[], float | None]) -> Measurement:
+def _measure(run: Callable[[], float | None], pss: bool = False) -> Measurement:
     """Run ``run`` under a :class:`SessionMonitor`; its figure is what it returns, else the
     wall seconds."""
-    with SessionMonitor() as monitor:
+    with SessionMonitor(pss) as monitor:
         started = time.perf_counter()
         value = run()
         seconds = time.perf_counter() - started
@@ -512,7 +517,7 @@ def _memory_run(
     """Segment ``count`` copies of ``sources`` under a :class:`SessionMonitor`."""
     folder, output = work / f"memory-{count}", work / f"memory-out-{count}"
     replicate(sources, count, folder)
-    run = _measure(lambda: _ray_segment(config, folder, output))
+    run = _measure(lambda: _ray_segment(config, folder, output), pss=True)
     print(
         f"  {count} images: {run.seconds:.0f} s, peak {run.peak_memory / 2**20:.0f} MiB: "
         f"{run.memory_profile(6)}",

@@ -55,6 +55,8 @@ def test_session_processes_include_children():
             and processes[child.pid][0] == Path(sys.executable).name
         )
         assert sum(rss for _, _, rss in processes.values()) - alone > 250 * 2**20
+        # The child's 300 MiB are its own pages: its PSS holds them whole.
+        assert session_processes(pss=True)[child.pid][2] > 250 * 2**20
     finally:
         child.communicate(b"")
 
