@@ -38,9 +38,11 @@ import ray.train
 from ray.train.tensorflow import TensorflowTrainer
 
 from lungseg import catalog, imaging, pipeline, segment, storage, train
-from lungseg.config import BenchmarkConfig, ResourceConfig, SegmentConfig
+from lungseg.config import BenchmarkConfig, ResourceConfig, SegmentConfig, TrainConfig
 
 RESULT_FILE = "benchmark.json"
+TRAIN_LEARNING_RATE = 1e-3
+"""Adam's learning rate on both sides of the training row."""
 SAMPLE_SECONDS = 0.2
 """Interval of the memory sampler."""
 
@@ -394,7 +396,7 @@ def _plain_epoch(config: BenchmarkConfig, images: np.ndarray, masks: np.ndarray)
 
     keras.utils.set_random_seed(0)
     model = build_unet(**asdict(config.train_model))
-    model.compile(optimizer=keras.optimizers.Adam(1e-3), loss=bce_dice_loss)
+    model.compile(optimizer=keras.optimizers.Adam(TRAIN_LEARNING_RATE), loss=bce_dice_loss)
     stamps: list[float] = []
     clock = keras.callbacks.LambdaCallback(
         on_epoch_begin=lambda *_: stamps.append(time.perf_counter()),
@@ -416,15 +418,17 @@ def _ray_epoch(config: BenchmarkConfig, images: np.ndarray, masks: np.ndarray, w
     folder = Path(tempfile.mkdtemp(dir=work, prefix="train-"))
     trainer = TensorflowTrainer(
         train.train_loop_per_worker,
-        train_loop_config={
-            "model": asdict(config.train_model),
-            "epochs": 2,
-            "batch_size": config.batch_size,
-            "learning_rate": 1e-3,
-            "seed": 0,
-            "augment": False,
-            "patience": 0,
-        },
+        train_loop_config=train.loop_config(
+            TrainConfig(
+                model=config.train_model,
+                epochs=2,
+                batch_size=config.batch_size,
+                learning_rate=TRAIN_LEARNING_RATE,
+                seed=0,
+                augment=False,
+                patience=0,
+            )
+        ),
         scaling_config=ray.train.ScalingConfig(
             num_workers=1,
             resources_per_worker={"CPU": pipeline.CpuBudget.for_cluster(1, 0).worker},

@@ -247,9 +247,8 @@ def normalise(gray: np.ndarray) -> np.ndarray:
     exact linear re-encoding gives the identical result. A constant image gives zeros.
     """
     lo, hi = float(gray.min()), float(gray.max())
-    out = np.zeros(gray.shape, np.uint8)
     if not hi > lo:
-        return out
+        return np.zeros(gray.shape, np.uint8)
     if gray.dtype in (np.uint8, np.uint16):  # the same formula once per level, then a look-up
         levels = np.arange(int(hi) + 1, dtype=np.float64)
         lut = np.floor((levels - lo) * 255.0 / (hi - lo) + 0.5).clip(0, 255).astype(np.uint8)
@@ -257,6 +256,7 @@ def normalise(gray: np.ndarray) -> np.ndarray:
             return cv2.LUT(gray, np.pad(lut, (0, 256 - lut.size)))
         return np.take(lut, gray)
     # In bands of rows, so that the float64 temporaries stay small whatever the image's size.
+    out = np.zeros(gray.shape, np.uint8)
     step = max(1, _NORMALISE_CHUNK // max(1, math.prod(gray.shape[1:])))
     for top in range(0, gray.shape[0], step):
         scaled = (gray[top : top + step].astype(np.float64) - lo) * 255.0 / (hi - lo)

@@ -97,6 +97,19 @@ def should_stop(history: list[dict], patience: int) -> bool:
     return len(scores) - 1 - best >= patience
 
 
+def loop_config(config: TrainConfig) -> dict:
+    """The settings :func:`train_loop_per_worker` reads, from a job's config."""
+    return {
+        "model": asdict(config.model),
+        "epochs": config.epochs,
+        "batch_size": config.batch_size,
+        "learning_rate": config.learning_rate,
+        "seed": config.seed,
+        "augment": config.augment,
+        "patience": config.patience,
+    }
+
+
 def train_loop_per_worker(config: dict) -> None:
     """One Ray Train worker: build or restore the model, then train, validate, report per epoch.
 
@@ -317,15 +330,7 @@ def run_training(config: TrainConfig) -> TrainResult:
         raise ValueError(f"--output must be a folder inside a bucket: {config.output}")
     trainer = TensorflowTrainer(
         train_loop_per_worker,
-        train_loop_config={
-            "model": asdict(config.model),
-            "epochs": config.epochs,
-            "batch_size": config.batch_size,
-            "learning_rate": config.learning_rate,
-            "seed": config.seed,
-            "augment": config.augment,
-            "patience": config.patience,
-        },
+        train_loop_config=loop_config(config),
         scaling_config=ray.train.ScalingConfig(
             num_workers=config.workers,
             use_gpu=res.use_gpu,

@@ -14,7 +14,7 @@ os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 import pytest
 import ray
 
-from lungseg.config import SAMPLE
+from lungseg.config import SAMPLE, SegmentConfig
 
 SAMPLE_IDS = sorted(p.stem for p in Path(SAMPLE, "images").glob("*.png"))
 
@@ -35,6 +35,14 @@ def model_path(tmp_path_factory) -> str:
     path = tmp_path_factory.mktemp("model") / "model.keras"
     build_unet(size=64, base_filters=4, depth=2).save(path)
     return str(path)
+
+
+def labelled_config(root: Path | str, output: Path | str, **options) -> SegmentConfig:
+    """A segment job over ``root/images`` scored against ``root/masks``, writing to ``output``
+    (a path or URI); ``options`` set the rest (``model``, ``batch_size``, ...)."""
+    return SegmentConfig(
+        input=f"{root}/images", masks=f"{root}/masks", output=str(output), **options
+    )
 
 
 def copy_sample(root: Path, ids: list[str], masks: bool = True) -> Path:

@@ -19,10 +19,10 @@ import pytest
 from lungseg import catalog, imaging, segment
 from lungseg.catalog import CatalogError, output_name
 from lungseg.clean import run_cleaning
-from lungseg.config import CleanConfig, ModelConfig, SegmentConfig, TrainConfig
+from lungseg.config import CleanConfig, ModelConfig, TrainConfig
 from lungseg.evaluate import run_evaluation
 from lungseg.train import DATA_SCHEMA, run_training
-from tests.conftest import SAMPLE_IDS, copy_sample
+from tests.conftest import SAMPLE_IDS, copy_sample, labelled_config
 from tests.test_dicom import dicom_bytes
 
 GOOD = SAMPLE_IDS[:2]
@@ -153,14 +153,7 @@ def test_non_utf8_file_name_is_named_not_a_crash(tmp_path):
 @pytest.mark.timeout(300)
 def test_evaluate_gives_every_bad_input_one_specific_row(bad_root, model_path, tmp_path):
     out = tmp_path / "out"
-    config = SegmentConfig(
-        model=model_path,
-        input=str(bad_root / "images"),
-        masks=str(bad_root / "masks"),
-        output=str(out),
-        batch_size=4,
-        overlays=True,
-    )
+    config = labelled_config(bad_root, out, model=model_path, batch_size=4, overlays=True)
     summary = run_evaluation(config)
     rows = pq.read_table(out / segment.TABLE_FILE).to_pylist()
     expected = _expected(bad_root)

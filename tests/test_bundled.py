@@ -12,7 +12,7 @@ import pytest
 
 from lungseg.config import BUNDLED_MODEL, BUNDLED_SPLIT, SAMPLE, SegmentConfig
 from lungseg.evaluate import run_evaluation
-from tests.conftest import SAMPLE_IDS
+from tests.conftest import SAMPLE_IDS, labelled_config
 
 # Measured on 2026-11-27: mean Dice 0.9713, lowest 0.8780 (MCUCXR_0126_1) on the 16 sample
 # X-rays, all held out from the bundled model's training. The floors leave room for float
@@ -33,7 +33,7 @@ def test_bundled_files_ship_inside_the_package():
 @pytest.mark.timeout(300)
 def test_bundled_model_segments_the_sample_and_summary_matches_parquet(tmp_path):
     output = tmp_path / "eval"
-    config = SegmentConfig(input=f"{SAMPLE}/images", masks=f"{SAMPLE}/masks", output=str(output))
+    config = labelled_config(SAMPLE, output)
     assert config.model == BUNDLED_MODEL
     summary = run_evaluation(config)
 
@@ -63,12 +63,7 @@ def test_bundled_model_segments_the_sample_and_summary_matches_parquet(tmp_path)
 def test_bfloat16_segments_the_sample_like_float32(tmp_path):
     # bfloat16 keeps 8 bits of mantissa: probabilities move in the second or third decimal, so
     # a few boundary pixels flip; the scores must stay those of the model.
-    config = SegmentConfig(
-        input=f"{SAMPLE}/images",
-        masks=f"{SAMPLE}/masks",
-        output=str(tmp_path / "bf16"),
-        precision="bfloat16",
-    )
+    config = labelled_config(SAMPLE, tmp_path / "bf16", precision="bfloat16")
     summary = run_evaluation(config)
     assert summary["overall"]["scored"] == 16 and summary["failed"] == []
     assert summary["overall"]["dice"]["mean"] >= MEAN_DICE_FLOOR, summary["overall"]
@@ -85,9 +80,7 @@ def test_unknown_precision_is_refused():
 def test_evaluate_only_the_split_subset(tmp_path):
     split = tmp_path / "split.json"
     split.write_text(json.dumps({"train": SAMPLE_IDS[2:], "val": SAMPLE_IDS[:2]}))
-    config = SegmentConfig(
-        input=f"{SAMPLE}/images", masks=f"{SAMPLE}/masks", output=str(tmp_path / "eval")
-    )
+    config = labelled_config(SAMPLE, tmp_path / "eval")
     summary = run_evaluation(config, str(split), "val")
     rows = pq.read_table(tmp_path / "eval" / "segmentation.parquet").to_pylist()
     assert sorted(r["id"] for r in rows) == SAMPLE_IDS[:2]

@@ -25,10 +25,10 @@ import ray
 
 from lungseg import pipeline, segment
 from lungseg.catalog import Case
-from lungseg.config import ModelConfig, SegmentConfig, TrainConfig
+from lungseg.config import ModelConfig, TrainConfig
 from lungseg.segment import run_segmentation
 from lungseg.train import run_training
-from tests.conftest import SAMPLE_IDS, copy_sample
+from tests.conftest import SAMPLE_IDS, copy_sample, labelled_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -66,15 +66,7 @@ def test_segmenting_actor_killed_mid_run_gives_complete_duplicate_free_table(
 ):
     root = copy_sample(tmp_path / "data", SAMPLE_IDS[:6])
     out = tmp_path / "out"
-    result = run_segmentation(
-        SegmentConfig(
-            model=model_path,
-            input=str(root / "images"),
-            masks=str(root / "masks"),
-            output=str(out),
-            batch_size=2,
-        )
-    )
+    result = run_segmentation(labelled_config(root, out, model=model_path, batch_size=2))
     assert (faults / "segmenter").exists(), "the segmenting actor did not die"
     rows = _rows(out / segment.TABLE_FILE)
     assert [row["id"] for row in rows] == SAMPLE_IDS[:6]
@@ -133,14 +125,7 @@ def _segment_job(*args: str) -> subprocess.Popen:
 def test_killed_driver_then_resume_gives_the_uninterrupted_table(faults, model_path, tmp_path):
     root = copy_sample(tmp_path / "data", SAMPLE_IDS)  # 16 images in 8 batches
     out = tmp_path / "out"
-    config = SegmentConfig(
-        model=model_path,
-        input=str(root / "images"),
-        masks=str(root / "masks"),
-        output=str(out),
-        batch_size=2,
-        overlays=True,
-    )
+    config = labelled_config(root, out, model=model_path, batch_size=2, overlays=True)
     whole = run_segmentation(config)
     assert (whole.images, whole.failed) == (16, 0)
     uninterrupted = _rows(out / segment.TABLE_FILE)

@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from lungseg import imaging, report
-from lungseg.config import ReportConfig, SegmentConfig
+from lungseg.config import ReportConfig
 from lungseg.report import (
     ALPHAS,
     CAPTION_HEIGHT,
@@ -25,7 +25,7 @@ from lungseg.report import (
     OUTLINE_COLOUR,
     TP_COLOUR,
 )
-from tests.conftest import SAMPLE_IDS, copy_sample
+from tests.conftest import SAMPLE_IDS, copy_sample, labelled_config
 
 REPO = Path(__file__).resolve().parents[1]
 CHROMIUM = "/usr/bin/chromium"
@@ -163,14 +163,7 @@ def segmented(tmp_path_factory, s3_endpoint, local_ray, model_path) -> Path:
     (root / "images" / "broken.png").write_bytes(b"not a PNG")
     out = root / "out"
     result = run_segmentation(
-        SegmentConfig(
-            model=model_path,
-            input=str(root / "images"),
-            masks=str(root / "masks"),
-            output=str(out),
-            batch_size=2,
-            overlays=True,
-        )
+        labelled_config(root, out, model=model_path, batch_size=2, overlays=True)
     )
     assert (result.images, result.failed) == (6, 1)
     run = root / "run"
@@ -367,14 +360,7 @@ def test_overlays_and_report_in_a_bucket(s3, s3_endpoint, model_path):
     s3.create_bucket(Bucket="reports")
     output = "s3://reports/batch1"
     run_segmentation(
-        SegmentConfig(
-            model=model_path,
-            input=f"{data}/images",
-            masks=f"{data}/masks",
-            output=output,
-            s3_endpoint=s3_endpoint,
-            overlays=True,
-        )
+        labelled_config(data, output, model=model_path, s3_endpoint=s3_endpoint, overlays=True)
     )
     result = report.run_report(ReportConfig(output=output, sheet=1, s3_endpoint=s3_endpoint))
     assert result.html == f"{output}/report.html"

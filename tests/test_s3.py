@@ -14,10 +14,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from lungseg import catalog, pipeline, storage
-from lungseg.config import ModelConfig, SegmentConfig, TrainConfig
+from lungseg.config import ModelConfig, TrainConfig
 from lungseg.segment import run_segmentation
 from lungseg.train import run_training
-from tests.conftest import S3_SECRET, SAMPLE_IDS, free_port, upload_sample
+from tests.conftest import S3_SECRET, SAMPLE_IDS, free_port, labelled_config, upload_sample
 
 pytestmark = [pytest.mark.usefixtures("s3_endpoint", "local_ray"), pytest.mark.timeout(420)]
 
@@ -63,11 +63,10 @@ def test_segment_bucket_prefix_into_another_bucket(s3, s3_endpoint, tmp_path):
     s3.upload_file(str(tmp_path / "m.keras"), "models", "small/model.keras")
     s3.create_bucket(Bucket="results")
 
-    config = SegmentConfig(
+    config = labelled_config(
+        data,
+        "s3://results/batch1",
         model="s3://models/small/model.keras",
-        input=f"{data}/images",
-        masks=f"{data}/masks",
-        output="s3://results/batch1",
         batch_size=2,
         s3_endpoint=s3_endpoint,
     )

@@ -9,9 +9,8 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from lungseg.config import SegmentConfig
 from lungseg.segment import NO_TRUTH, SCHEMA, run_segmentation
-from tests.conftest import SAMPLE_IDS, copy_sample
+from tests.conftest import SAMPLE_IDS, copy_sample, labelled_config
 
 pytestmark = [pytest.mark.usefixtures("local_ray"), pytest.mark.timeout(300)]
 
@@ -28,15 +27,7 @@ def test_segment_folder_with_masks(tmp_path, model_path):
     (root / "images" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
 
     out = tmp_path / "out"
-    result = run_segmentation(
-        SegmentConfig(
-            model=model_path,
-            input=str(root / "images"),
-            masks=str(root / "masks"),
-            output=str(out),
-            batch_size=2,
-        )
-    )
+    result = run_segmentation(labelled_config(root, out, model=model_path, batch_size=2))
     table = pq.read_table(result.table)
     assert table.schema == SCHEMA
     rows = {row["id"]: row for row in table.to_pylist()}
