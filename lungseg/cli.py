@@ -12,6 +12,7 @@ import sys
 from collections.abc import Sequence
 from urllib.parse import urlparse
 
+from lungseg import __version__
 from lungseg.config import (
     BUNDLED_MODEL,
     BUNDLED_SPLIT,
@@ -75,6 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lungseg", description="Lung-field segmentation of chest X-rays on Ray."
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
     train = commands.add_parser(

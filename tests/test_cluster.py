@@ -68,7 +68,8 @@ def test_launcher_config_validates_against_rays_schema():
     assert config["docker"]["image"] == IMAGE
     assert "--env RAY_AUTH_MODE=token" in config["docker"]["run_options"]
     assert config["file_mounts"]["/home/ray/lungseg"] == "."
-    assert any('"/home/ray/lungseg[gpu]"' in c for c in config["setup_commands"])
+    lock = "-c /home/ray/lungseg/.lock/requirements.txt"
+    assert any(lock in c and '"/home/ray/lungseg[gpu]"' in c for c in config["setup_commands"])
     head = config["head_node_type"]
     workers = {k: v for k, v in config["available_node_types"].items() if k != head}
     assert workers and all(w["node_config"]["InstanceType"][0] in "gp" for w in workers.values())
@@ -131,7 +132,8 @@ def test_dockerfile_builds_on_the_ray_gpu_image():
     text = (CLUSTER / "Dockerfile").read_text()
     assert re.search(rf"^FROM {re.escape(IMAGE)}$", text, re.M)
     assert re.search(r"^WORKDIR /home/ray/lungseg$", text, re.M)  # the RayJobs' working_dir
-    assert "COPY --chown=ray:users jobs ./jobs" in text and '".[gpu]"' in text
+    assert "COPY --chown=ray:users jobs ./jobs" in text
+    assert 'pip install --no-cache-dir -c .lock/requirements.txt ".[gpu]"' in text
 
 
 def test_a_local_run_folder_is_refused_on_a_multi_node_cluster():
