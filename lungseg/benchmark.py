@@ -38,7 +38,16 @@ import ray.train
 from ray.train.tensorflow import TensorflowTrainer
 
 from lungseg import catalog, imaging, pipeline, segment, storage, train
-from lungseg.config import BenchmarkConfig, ResourceConfig, SegmentConfig, TrainConfig
+from lungseg.config import (
+    BenchmarkConfig,
+    RecipeConfig,
+    ResourceConfig,
+    SegmentConfig,
+    TrainConfig,
+)
+from lungseg.layout import OK
+from lungseg.model import load_model
+from lungseg.preprocess import Preprocess, case_records
 
 RESULT_FILE = "benchmark.json"
 TRAIN_LEARNING_RATE = 1e-3
@@ -335,7 +344,7 @@ def _ray_preprocess(folder: Path, size: int) -> None:
         SegmentConfig().segment_actors, resources.preprocess_actors, None, resources.actor_cpus
     )
     data = pipeline.preprocessed(cases, size, resources.preprocess_actors, budget.actor)
-    ok = sum(int((b["status"] == pipeline.OK).sum()) for b in data.iter_batches(batch_size=None))
+    ok = sum(int((b["status"] == OK).sum()) for b in data.iter_batches(batch_size=None))
     if ok != len(cases):
         raise RuntimeError(f"{len(cases) - ok} of {len(cases)} images failed to preprocess")
 
@@ -343,7 +352,7 @@ def _ray_preprocess(folder: Path, size: int) -> None:
 def _plain_segment(paths: Sequence[str], model_uri: str, output: Path, batch_size: int) -> None:
     """The baseline: load the model, then decode, preprocess, predict, post-process and write
     the masks batch by batch, in one process."""
-    model = segment.load_model(model_uri)
+    model = load_model(Path(model_uri).read_bytes())
     size = int(model.input_shape[1])
     output.mkdir(parents=True, exist_ok=True)
     for start in range(0, len(paths), batch_size):
@@ -372,14 +381,14 @@ def _ray_segment(config: BenchmarkConfig, folder: Path, output: Path) -> None:
 
 
 def _training_arrays(config: BenchmarkConfig) -> tuple[np.ndarray, np.ndarray]:
-    """The labelled inputs through :class:`lungseg.pipeline.Preprocess` (in this process),
+    """The labelled inputs through :class:`lungseg.preprocess.Preprocess` (in this process),
     repeated to ``train_images``."""
     cases = catalog.find_cases(config.input).labelled
     if not cases:
         raise ValueError(f"the training row needs X-rays with masks under {config.input}")
-    records = pipeline.case_records(cases)
+    records = case_records(cases)
     batch = {key: [r[key] for r in records] for key in records[0]}
-    out = pipeline.Preprocess(config.train_model.size)(batch)
+    out = Preprocess(config.train_model.size)(batch)
     failed = [str(e) for e in out["error"] if e]
     if failed:
         raise RuntimeError(f"{len(failed)} training images failed: {failed[0]}")
@@ -420,13 +429,16 @@ def _ray_epoch(config: BenchmarkConfig, images: np.ndarray, masks: np.ndarray, w
         train.train_loop_per_worker,
         train_loop_config=train.loop_config(
             TrainConfig(
-                model=config.train_model,
-                epochs=2,
-                batch_size=config.batch_size,
-                learning_rate=TRAIN_LEARNING_RATE,
-                seed=0,
-                augment=False,
-                patience=0,
+                workers=1,
+                recipe=RecipeConfig(
+                    model=config.train_model,
+                    epochs=2,
+                    batch_size=config.batch_size,
+                    learning_rate=TRAIN_LEARNING_RATE,
+                    seed=0,
+                    augment=False,
+                    patience=0,
+                ),
             )
         ),
         scaling_config=ray.train.ScalingConfig(
@@ -574,7 +586,7 @@ def run_benchmark(config: BenchmarkConfig) -> BenchmarkResult:
         raise ValueError("the benchmark reads and writes local folders only")
     sources = [case.image for case in catalog.find_cases(config.input).cases]
     machine = _machine()
-    model = segment.load_model(config.model)
+    model = load_model(Path(config.model).read_bytes())
     size, flops = int(model.input_shape[1]), conv_flops(model)
     work = Path(tempfile.mkdtemp(prefix="lungseg-benchmark-"))
     rows = []

@@ -15,7 +15,10 @@ the output root or onto another id's files, even on a case-insensitive file syst
 from __future__ import annotations
 
 import hashlib
+import json
+import logging
 import math
+import os
 import posixpath
 import re
 from collections import Counter, defaultdict
@@ -25,8 +28,11 @@ from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
 
+from lungseg.errors import UserError
 from lungseg.imaging import is_dicom
-from lungseg.storage import explained, file_type, is_remote, resolve
+from lungseg.storage import DEFAULT_STORE, Store, explained, is_remote
+
+logger = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm")
 
@@ -40,7 +46,7 @@ _HASHED_STEM = 64  # characters of the sanitised id kept in a hashed name
 _HASH_DIGITS = 12
 
 
-class CatalogError(ValueError):
+class CatalogError(UserError):
     """A root that cannot be catalogued: missing, empty, or with clashing or ambiguous files."""
 
 
@@ -140,27 +146,25 @@ class _File:
     stem: str
 
 
-def _walk(uri: str, what: str, s3_endpoint: str | None) -> list[_File]:
+def _walk(uri: str, what: str, store: Store) -> list[_File]:
     """Every non-hidden file with an image suffix under ``uri``, recursively."""
-    fs, root = resolve(uri, s3_endpoint)
-    kind = file_type(uri, s3_endpoint)
+    fs, root = store.resolve(uri)
+    kind = store.file_type(uri)
     if kind == pafs.FileType.NotFound:
         raise CatalogError(f"{what} root not found: {uri}")
     if kind != pafs.FileType.Directory:
         raise CatalogError(f"{what} root is not a directory: {uri}")
     scheme = urlparse(uri).scheme if is_remote(uri) else None
     files = []
-    with explained(uri):
-        listing = fs.get_file_info(pafs.FileSelector(root, recursive=True))
-    try:
-        entries = [(info.path, info.type) for info in listing]
-    except UnicodeDecodeError as exc:  # pyarrow cannot give such a name as text
-        raise CatalogError(
-            f"{what} root {uri} holds a file name that is not UTF-8: {exc.object!r}; rename it"
-        ) from exc
-    for path, kind in entries:
+    if scheme:
+        with explained(uri):
+            listing = fs.get_file_info(pafs.FileSelector(root, recursive=True))
+        paths = [info.path for info in listing if info.type == pafs.FileType.File]
+    else:
+        paths = _local_files(root, what, uri)
+    for path in paths:
         parts = path[len(root) :].lstrip("/").split("/")
-        if kind != pafs.FileType.File or any(p.startswith(".") for p in parts):
+        if any(p.startswith(".") for p in parts):
             continue
         stem, suffix = posixpath.splitext(parts[-1])
         if suffix.lower() not in IMAGE_SUFFIXES and not (
@@ -174,6 +178,51 @@ def _walk(uri: str, what: str, s3_endpoint: str | None) -> list[_File]:
                 stem=stem,
             )
         )
+    return files
+
+
+def _inside(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def _local_files(root: str, what: str, uri: str) -> list[str]:
+    """The files under a local ``root`` (hidden ones left out). Folders are walked before the
+    symbolic links to folders, and a link is followed only where it stays inside ``root`` and
+    leads to a folder not walked yet (so never into a loop); every link skipped is named in a
+    warning. A name that is not UTF-8 is a :class:`CatalogError`."""
+    top = os.path.realpath(root)
+    walked, files, pending, links = {top}, [], [root], []
+    while pending or links:
+        if not pending:  # every real folder walked: now the links to folders, in order
+            link = links.pop(0)
+            target = os.path.realpath(link)
+            if target in walked:
+                logger.warning("catalog: skipped %s: a link to a folder already walked", link)
+                continue
+            walked.add(target)
+            pending.append(link)
+        with explained(uri):
+            entries = sorted(os.scandir(pending.pop()), key=lambda e: e.name)
+        for entry in entries:
+            try:
+                entry.name.encode()
+            except UnicodeEncodeError:
+                raise CatalogError(
+                    f"{what} root {uri} holds a file name that is not UTF-8: "
+                    f"{os.fsencode(entry.path)!r}; rename it"
+                ) from None
+            if entry.name.startswith("."):
+                continue
+            if entry.is_symlink() and not _inside(os.path.realpath(entry.path), top):
+                logger.warning("catalog: skipped %s: a link out of the %s root", entry.path, what)
+            elif entry.is_dir():
+                if entry.is_symlink():
+                    links.append(entry.path)
+                else:
+                    walked.add(os.path.realpath(entry.path))
+                    pending.append(entry.path)
+            elif entry.is_file():
+                files.append(entry.path)
     return files
 
 
@@ -214,7 +263,7 @@ def _pair_masks(case_id: str, masks: list[_File]) -> tuple[str, ...]:
     raise CatalogError(f"ambiguous masks for {case_id!r}: {names}")
 
 
-def find_cases(images: str, masks: str | None = None, s3_endpoint: str | None = None) -> Catalog:
+def find_cases(images: str, masks: str | None = None, store: Store = DEFAULT_STORE) -> Catalog:
     """Catalogue the images under ``images`` and pair them with their lung masks.
 
     With ``masks=None`` a file is a mask when a directory between it and the root is named
@@ -227,13 +276,13 @@ def find_cases(images: str, masks: str | None = None, s3_endpoint: str | None = 
     image_files: list[_File] = []
     mask_files: list[_File] = []
     if masks is None:
-        for f in _walk(images, "images", s3_endpoint):
+        for f in _walk(images, "images", store):
             is_mask = _is_mask_stem(f.stem) or any(d in _MASK_DIRS for d in f.dirs)
             (mask_files if is_mask else image_files).append(f)
     else:
-        mask_files = _walk(masks, "masks", s3_endpoint)
+        mask_files = _walk(masks, "masks", store)
         mask_uris = {m.uri for m in mask_files}
-        for f in _walk(images, "images", s3_endpoint):
+        for f in _walk(images, "images", store):
             if f.uri in mask_uris:  # the masks root is nested inside the images root
                 continue
             (mask_files if _is_mask_stem(f.stem) else image_files).append(f)
@@ -287,3 +336,16 @@ def split_ids(ids: Iterable[str], val_fraction: float) -> tuple[list[str], list[
         n_val = max(n_val, 1)
     ranked = sorted(ids, key=lambda i: hashlib.sha256(i.encode()).hexdigest())
     return sorted(ranked[n_val:]), sorted(ranked[:n_val])
+
+
+def read_split(uri: str, store: Store) -> dict[str, list[str]]:
+    """A split file: JSON lists of ids by subset name (``{"train": [...], "val": [...]}``)."""
+    try:
+        split = json.loads(store.read_bytes(uri))
+    except ValueError as exc:
+        raise CatalogError(f"{uri}: not a JSON split file ({exc})") from exc
+    if not isinstance(split, dict) or not all(
+        isinstance(ids, list) and all(isinstance(i, str) for i in ids) for ids in split.values()
+    ):
+        raise CatalogError(f"{uri}: a split file maps subset names to lists of ids")
+    return split

@@ -11,24 +11,36 @@ draws a contact sheet of the first inputs beside their cleaned results.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import cv2
 import numpy as np
 import pyarrow as pa
 import ray
 
-from lungseg import catalog, imaging, pipeline, storage
+from lungseg import catalog, imaging, outputs, pipeline, storage, table
 from lungseg.config import CleanConfig, CleanParams
-from lungseg.report import contact_sheet
+from lungseg.draw import contact_sheet
+from lungseg.layout import (
+    CLEAN_TABLE,
+    CLEANED_DIR,
+    CONTACT_SHEET,
+    ERROR,
+    FLAGGED,
+    MASKS_DIR,
+    OK,
+)
+from lungseg.progress import Progress
+from lungseg.storage import Store
 
 __all__ = ["CleanParams", "CleanResult", "Cleaner", "clean_image", "run_cleaning"]
 
-TABLE_FILE = "cleaning.parquet"
-SHEET_FILE = "contact_sheet.png"
-CLEANED_DIR = "cleaned"
-MASKS_DIR = "masks"
+logger = logging.getLogger(__name__)
+
+MAKES = (CLEAN_TABLE, CLEAN_TABLE + table.JOURNAL_SUFFIX, CLEANED_DIR, MASKS_DIR, CONTACT_SHEET)
+"""What a clean job writes directly under its output root."""
 SHEET_COLUMNS = 4  # input/cleaned pairs per row of the contact sheet
 DEFAULT_PARAMS = CleanParams()
 SCHEMA = pa.schema(
@@ -163,7 +175,7 @@ def clean_one(
     source: str,
     output: str,
     params: CleanParams = DEFAULT_PARAMS,
-    s3_endpoint: str | None = None,
+    store: Store = storage.DEFAULT_STORE,
 ) -> dict:
     """Read, clean and write one image; its Parquet row (``SCHEMA``), never an exception.
 
@@ -172,53 +184,51 @@ def clean_one(
     """
     row = dict.fromkeys(SCHEMA.names) | {"id": case_id, "source": source}
     try:
-        data = storage.read_bytes(source, s3_endpoint)
+        data = store.read_bytes(source)
         gray = imaging.to_grayscale(imaging.decode(data, source))
         row |= {"height": gray.shape[0], "width": gray.shape[1]}
         result = clean_image(gray, params)
         cleaned = storage.join(output, f"{CLEANED_DIR}/{name}.png")
         mask = storage.join(output, f"{MASKS_DIR}/{name}.png")
-        storage.write_bytes(cleaned, imaging.encode_image(result.cleaned), s3_endpoint)
-        storage.write_bytes(mask, imaging.encode_png(result.mask), s3_endpoint)
+        store.write_bytes(cleaned, imaging.encode_image(result.cleaned))
+        store.write_bytes(mask, imaging.encode_png(result.mask))
     except FlaggedImage as exc:
-        return row | {"status": pipeline.FLAGGED, "error": str(exc)}
+        return row | {"status": FLAGGED, "error": str(exc)}
     except Exception as exc:  # a bad image becomes an error row, never a crashed job
-        return row | {"status": pipeline.ERROR, "error": f"{type(exc).__name__}: {exc}"}
+        return row | {"status": ERROR, "error": f"{type(exc).__name__}: {exc}"}
     row |= {
         "cleaned": cleaned,
         "mask": mask,
         "otsu_threshold": result.threshold,
         "inverted": result.inverted,
         "foreground_fraction": result.foreground_fraction,
-        "status": pipeline.OK,
+        "status": OK,
     }
     if result.foreground_fraction in (0.0, 1.0):
         covers = "no pixel" if result.foreground_fraction == 0.0 else "every pixel"
         why = f"the mask covers {covers} after opening and closing"
-        row |= {"status": pipeline.FLAGGED, "error": why}
+        row |= {"status": FLAGGED, "error": why}
     return row
 
 
 class Cleaner:
     """Ray Data actor: clean each image of a batch, write its PNGs, return scalar rows."""
 
-    def __init__(
-        self, output: str, params: CleanParams, s3_endpoint: str | None = None, threads: int = 1
-    ) -> None:
+    def __init__(self, output: str, params: CleanParams, store: Store, threads: int = 1) -> None:
         cv2.setNumThreads(threads)
         self.output = output
         self.params = params
-        self.s3_endpoint = s3_endpoint
+        self.store = store
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
         rows = [
-            clean_one(str(i), str(n), str(s), self.output, self.params, self.s3_endpoint)
+            clean_one(str(i), str(n), str(s), self.output, self.params, self.store)
             for i, n, s in zip(batch["id"], batch["name"], batch["source"], strict=True)
         ]
         return {name: [row[name] for row in rows] for name in SCHEMA.names}
 
 
-def _tile(uri: str | None, size: int, s3_endpoint: str | None, stretch: bool) -> np.ndarray:
+def _tile(uri: str | None, size: int, store: Store, stretch: bool) -> np.ndarray:
     """An image file as a ``size`` x ``size`` tile (contrast-stretched if asked); black if absent.
 
     Unreadable inputs and missing outputs are shown as black tiles: the sheet is for looking at,
@@ -227,30 +237,28 @@ def _tile(uri: str | None, size: int, s3_endpoint: str | None, stretch: bool) ->
     if uri is None:
         return np.zeros((size, size), np.uint8)
     try:
-        gray = imaging.to_grayscale(imaging.decode(storage.read_bytes(uri, s3_endpoint), uri))
+        gray = imaging.to_grayscale(imaging.decode(store.read_bytes(uri), uri))
     except (OSError, ValueError):
         return np.zeros((size, size), np.uint8)
     return imaging.resize_image(imaging.normalise(gray) if stretch else gray, size)
 
 
-def write_contact_sheet(
-    rows: Sequence[dict], uri: str, size: int, s3_endpoint: str | None = None
-) -> None:
+def write_contact_sheet(rows: Sequence[dict], uri: str, size: int, store: Store) -> None:
     """Each row's input (normalised, as cleaned) beside its cleaned image, captioned with its id.
 
     A row that is not ``ok`` has its status after the id.
     """
     pairs = [
         (
-            row["id"] if row["status"] == pipeline.OK else f"{row['id']} [{row['status']}]",
+            row["id"] if row["status"] == OK else f"{row['id']} [{row['status']}]",
             [
-                _tile(row["source"], size, s3_endpoint, stretch=True),
-                _tile(row["cleaned"], size, s3_endpoint, stretch=False),
+                _tile(row["source"], size, store, stretch=True),
+                _tile(row["cleaned"], size, store, stretch=False),
             ],
         )
         for row in rows
     ]
-    storage.write_bytes(uri, imaging.encode_image(contact_sheet(pairs, SHEET_COLUMNS)), s3_endpoint)
+    store.write_bytes(uri, imaging.encode_image(contact_sheet(pairs, SHEET_COLUMNS)))
 
 
 @dataclass(frozen=True)
@@ -265,50 +273,72 @@ class CleanSummary:
     failed: int
 
 
-def run_cleaning(config: CleanConfig) -> CleanSummary:
+def run_cleaning(config: CleanConfig, progress: Progress | None = None) -> CleanSummary:
     """Clean every image under ``config.input`` (mask files are skipped) in OpenCV actors.
 
     Writes ``cleaned/<name>.png``, ``masks/<name>.png``, one Parquet row per image in
     ``cleaning.parquet`` and, unless ``config.sheet`` is 0, ``contact_sheet.png`` of the first
-    ``config.sheet`` images by id.
+    ``config.sheet`` images by id. ``progress`` sees every image as its row is written. The
+    output root is claimed first (:func:`lungseg.outputs.claimed`): an earlier run's outputs
+    there are replaced only with ``config.overwrite``.
     """
-    storage.check_writable(config.output, config.s3_endpoint)
-    found = catalog.find_cases(config.input, s3_endpoint=config.s3_endpoint)
-    print(f"catalog: {found.summary()}")
+    progress = progress or Progress()
+    store = Store.for_job(config.s3_endpoint)
+    found = catalog.find_cases(config.input, store=store)
+    logger.info("catalog: %s", found.summary())
+    with outputs.claimed(
+        store,
+        config.output,
+        "clean",
+        {"input": config.input, "params": asdict(config.params)},
+        MAKES,
+        reads={"--input": config.input},
+        resume=False,
+        overwrite=config.overwrite,
+    ) as claim:
+        summary = _clean(config, found.cases, store, progress)
+        claim.write_manifest(
+            state="complete", images=summary.images, flagged=summary.flagged, failed=summary.failed
+        )
+    return summary
+
+
+def _clean(
+    config: CleanConfig, cases: Sequence[catalog.Case], store: Store, progress: Progress
+) -> CleanSummary:
     res = config.resources
     budget = pipeline.CpuBudget.for_cluster(0, res.preprocess_actors, None, res.actor_cpus)
-    batch_size = pipeline.task_batch(len(found.cases), res.preprocess_actors, config.batch_size)
-    rows = pipeline.case_dataset(found.cases, batch_size).map_batches(
+    batch_size = pipeline.task_batch(len(cases), res.preprocess_actors, config.batch_size)
+    rows = pipeline.case_dataset(cases, batch_size).map_batches(
         Cleaner,
-        fn_constructor_kwargs={
-            "output": config.output,
-            "params": config.params,
-            "s3_endpoint": config.s3_endpoint,
-        },
+        fn_constructor_kwargs={"output": config.output, "params": config.params, "store": store},
         compute=ray.data.ActorPoolStrategy(size=res.preprocess_actors),
         batch_size=batch_size,
         num_cpus=budget.actor,
     )
-    first = {case.id for case in found.cases[: config.sheet]}
+    first = {case.id for case in cases[: config.sheet]}
     shown: list[dict] = []
 
-    def keep_first(table: pa.Table) -> None:
-        shown.extend(row for row in table.to_pylist() if row["id"] in first)
+    def account(rows: pa.Table) -> None:
+        shown.extend(row for row in rows.to_pylist() if row["id"] in first)
+        progress.advance(rows.num_rows, rows["status"].to_pylist().count(ERROR))
 
-    table_uri = storage.join(config.output, TABLE_FILE)
-    statuses = pipeline.write_table(
-        rows, table_uri, SCHEMA, found.cases, config.s3_endpoint, on_table=keep_first
+    table_uri = storage.join(config.output, CLEAN_TABLE)
+    progress.start("clean", len(cases))
+    statuses = table.write_table(
+        pipeline.row_batches(rows), table_uri, SCHEMA, cases, store, on_table=account
     )
+    progress.finish()
     sheet_uri = None
     if shown:
-        sheet_uri = storage.join(config.output, SHEET_FILE)
+        sheet_uri = storage.join(config.output, CONTACT_SHEET)
         shown.sort(key=lambda row: row["id"])
-        write_contact_sheet(shown, sheet_uri, config.params.size, config.s3_endpoint)
+        write_contact_sheet(shown, sheet_uri, config.params.size, store)
     return CleanSummary(
         output=config.output,
         table=table_uri,
         sheet=sheet_uri,
-        images=len(found.cases),
-        flagged=statuses[pipeline.FLAGGED],
-        failed=statuses[pipeline.ERROR],
+        images=len(cases),
+        flagged=statuses[FLAGGED],
+        failed=statuses[ERROR],
     )

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from importlib.resources import files
+
+from lungseg.errors import UserError
 
 SAMPLE = str(files("lungseg") / "sample")
 """The 16 Montgomery X-rays with masks packaged with lungseg: every job's default input."""
@@ -18,6 +21,16 @@ PREPROCESS_BATCH = 128
 object store and an idle gap in its actor: on 2 cores, 4,000 X-rays went through two actors at
 303 images/s in tasks of 16, 421 in tasks of 32 and 565 in tasks of 128."""
 
+
+class ConfigError(UserError, ValueError):
+    """A setting that cannot work (``--epochs 0``, an even blur kernel), found before any work."""
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
 DEFAULT_RUN = "runs/lungseg"
 DEFAULT_SEGMENT_OUTPUT = "out/segment"
 DEFAULT_EVALUATE_OUTPUT = "out/evaluate"
@@ -31,6 +44,42 @@ class ModelConfig:
     base_filters: int = 16
     depth: int = 4
 
+    def __post_init__(self) -> None:
+        _check(
+            self.depth >= 1 and self.base_filters >= 1, "--depth and --base-filters must be >= 1"
+        )
+        _check(
+            self.size >= 2**self.depth and self.size % 2**self.depth == 0,
+            f"--size {self.size} must be a multiple of 2**depth = {2**self.depth}",
+        )
+
+
+@dataclass(frozen=True)
+class RecipeConfig:
+    """How a U-Net is trained, by whichever trainer (:mod:`lungseg.recipe`).
+
+    ``batch_size`` is the images of one training step, all workers together (Ray Train splits
+    it evenly among them); ``patience`` the epochs without a better validation Dice before
+    stopping (0: never).
+    """
+
+    epochs: int = 40
+    batch_size: int = 4
+    learning_rate: float = 1e-3
+    augment: bool = True
+    patience: int = 20
+    seed: int = 0
+    model: ModelConfig = ModelConfig()
+
+    def __post_init__(self) -> None:
+        _check(self.epochs >= 1, f"--epochs must be at least 1, got {self.epochs}")
+        _check(self.batch_size >= 1, f"--batch-size must be at least 1, got {self.batch_size}")
+        _check(
+            math.isfinite(self.learning_rate) and self.learning_rate > 0,
+            f"--learning-rate must be > 0, got {self.learning_rate}",
+        )
+        _check(self.patience >= 0, f"--patience must be >= 0 (0: never stop), got {self.patience}")
+
 
 @dataclass(frozen=True)
 class ResourceConfig:
@@ -40,26 +89,54 @@ class ResourceConfig:
     actor_cpus: float | None = None
     use_gpu: bool = False
 
+    def __post_init__(self) -> None:
+        _check(
+            self.preprocess_actors >= 1,
+            f"--preprocess-actors must be at least 1, got {self.preprocess_actors}",
+        )
+        _check(
+            self.actor_cpus is None or self.actor_cpus > 0,
+            f"--actor-cpus must be > 0, got {self.actor_cpus}",
+        )
+
 
 @dataclass(frozen=True)
 class TrainConfig:
+    """Settings of ``lungseg train``: data, split, recipe and where the run folder goes.
+
+    ``split`` names a JSON file ``{"train": [ids], "val": [ids]}`` used instead of
+    ``val_fraction``; ``single_process`` trains in this process without Ray (``workers`` and
+    the resources then do not apply).
+    """
+
     data: str = SAMPLE
     masks: str | None = None
     output: str = DEFAULT_RUN
     workers: int = 2
     worker_cpus: float | None = None
-    epochs: int = 40
-    batch_size: int = 2
-    learning_rate: float = 1e-3
     val_fraction: float = 0.2
-    split: str | None = None  # JSON {"train": [ids], "val": [ids]} instead of val_fraction
-    augment: bool = True
-    patience: int = 20  # epochs without a better validation Dice before stopping (0: never)
-    seed: int = 0
-    model: ModelConfig = ModelConfig()
+    split: str | None = None
+    recipe: RecipeConfig = RecipeConfig()
     resources: ResourceConfig = ResourceConfig()
     s3_endpoint: str | None = None
     allow_local_output: bool = False
+    single_process: bool = False
+    overwrite: bool = False  # replace the run in ``output`` instead of going on with it
+
+    def __post_init__(self) -> None:
+        _check(self.workers >= 1, f"--workers must be at least 1, got {self.workers}")
+        _check(
+            self.worker_cpus is None or self.worker_cpus > 0,
+            f"--worker-cpus must be > 0, got {self.worker_cpus}",
+        )
+        _check(
+            0 <= self.val_fraction < 1, f"--val-fraction must be in [0, 1), got {self.val_fraction}"
+        )
+        batch, workers = self.recipe.batch_size, 1 if self.single_process else self.workers
+        _check(
+            batch % workers == 0,
+            f"--batch-size {batch} must split evenly among the {workers} workers",
+        )
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -83,13 +160,22 @@ class SegmentConfig:
     s3_endpoint: str | None = None
     overlays: bool = False
     ids: tuple[str, ...] | None = None  # only these ids of the catalog (evaluate's split)
-    resume: bool = False  # keep the rows and masks an earlier run already wrote to ``output``
+    resume: bool = False  # go on with the run whose outputs are in ``output`` (same settings)
+    overwrite: bool = False  # replace the run whose outputs are in ``output``
     precision: str = "float32"
 
     def __post_init__(self) -> None:
-        if self.precision not in PRECISIONS:
-            choices = ", ".join(PRECISIONS)
-            raise ValueError(f"precision must be one of {choices}, got {self.precision!r}")
+        _check(
+            self.precision in PRECISIONS,
+            f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}",
+        )
+        _check(self.batch_size >= 1, f"--batch-size must be at least 1, got {self.batch_size}")
+        _check(0 < self.threshold < 1, f"--threshold must be in (0, 1), got {self.threshold}")
+        _check(
+            self.segment_actors >= 1,
+            f"--segment-actors must be at least 1, got {self.segment_actors}",
+        )
+        _check(not (self.resume and self.overwrite), "--resume and --overwrite exclude each other")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -121,19 +207,24 @@ class CleanParams:
     invert: str = "border"
 
     def __post_init__(self) -> None:
-        if self.size < 8:
-            raise ValueError(f"size must be at least 8, got {self.size}")
-        if self.blur_kernel < 1 or self.blur_kernel % 2 == 0:
-            raise ValueError(f"blur_kernel must be odd and >= 1, got {self.blur_kernel}")
-        if self.blur_sigma < 0:
-            raise ValueError(f"blur_sigma must be >= 0, got {self.blur_sigma}")
-        if self.clahe_clip <= 0 or self.clahe_tile < 1:
-            raise ValueError("clahe_clip must be > 0 and clahe_tile >= 1")
-        if self.open_kernel < 0 or self.close_kernel < 0:
-            raise ValueError("open_kernel and close_kernel must be >= 0 (0 skips the step)")
-        if self.invert not in INVERT_RULES:
-            rules = ", ".join(INVERT_RULES)
-            raise ValueError(f"invert must be one of {rules}, got {self.invert!r}")
+        _check(self.size >= 8, f"--size must be at least 8, got {self.size}")
+        _check(
+            self.blur_kernel >= 1 and self.blur_kernel % 2 == 1,
+            f"--blur-kernel must be odd and >= 1, got {self.blur_kernel}",
+        )
+        _check(self.blur_sigma >= 0, f"--blur-sigma must be >= 0, got {self.blur_sigma}")
+        _check(
+            self.clahe_clip > 0 and self.clahe_tile >= 1,
+            "--clahe-clip must be > 0 and --clahe-tile >= 1",
+        )
+        _check(
+            self.open_kernel >= 0 and self.close_kernel >= 0,
+            "--open-kernel and --close-kernel must be >= 0 (0 skips the step)",
+        )
+        _check(
+            self.invert in INVERT_RULES,
+            f"--invert must be one of {', '.join(INVERT_RULES)}, got {self.invert!r}",
+        )
 
 
 @dataclass(frozen=True)
@@ -145,10 +236,11 @@ class CleanConfig:
     batch_size: int = PREPROCESS_BATCH  # most images per actor call
     resources: ResourceConfig = ResourceConfig()
     s3_endpoint: str | None = None
+    overwrite: bool = False  # replace the outputs of an earlier run in ``output``
 
     def __post_init__(self) -> None:
-        if self.sheet < 0 or self.batch_size < 1:
-            raise ValueError("sheet must be >= 0 and batch_size >= 1")
+        _check(self.sheet >= 0, f"--sheet must be >= 0, got {self.sheet}")
+        _check(self.batch_size >= 1, f"--batch-size must be at least 1, got {self.batch_size}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -168,8 +260,7 @@ class ReportConfig:
     s3_endpoint: str | None = None
 
     def __post_init__(self) -> None:
-        if self.sheet < 0:
-            raise ValueError(f"sheet must be >= 0, got {self.sheet}")
+        _check(self.sheet >= 0, f"--sheet must be >= 0, got {self.sheet}")
 
 
 DEFAULT_BENCHMARK_OUTPUT = "out/benchmark"
@@ -200,14 +291,18 @@ class BenchmarkConfig:
 
     def __post_init__(self) -> None:
         unknown = sorted(set(self.stages) - set(BENCHMARK_STAGES))
-        if unknown:
-            raise ValueError(f"unknown stages {unknown}: choose from {', '.join(BENCHMARK_STAGES)}")
-        if len(self.memory_images) != 2:
-            raise ValueError(f"memory_images must be two counts, got {self.memory_images}")
-        if min(self.images, self.train_images, *self.memory_images, self.batch_size) < 1:
-            raise ValueError("image counts and batch_size must be at least 1")
-        if self.rounds < 1:
-            raise ValueError(f"rounds must be at least 1, got {self.rounds}")
+        _check(
+            not unknown, f"unknown --stages {unknown}: choose from {', '.join(BENCHMARK_STAGES)}"
+        )
+        _check(
+            len(self.memory_images) == 2,
+            f"--memory-images must be two counts, got {self.memory_images}",
+        )
+        _check(
+            min(self.images, self.train_images, *self.memory_images, self.batch_size) >= 1,
+            "image counts and --batch-size must be at least 1",
+        )
+        _check(self.rounds >= 1, f"--rounds must be at least 1, got {self.rounds}")
 
     def to_dict(self) -> dict:
         return asdict(self)

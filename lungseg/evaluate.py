@@ -9,11 +9,14 @@ from statistics import mean, median
 import pyarrow.parquet as pq
 
 from lungseg import storage
+from lungseg.catalog import read_split
 from lungseg.config import SegmentConfig
-from lungseg.pipeline import ERROR
-from lungseg.segment import run_segmentation
+from lungseg.errors import UserError
+from lungseg.layout import ERROR, SUMMARY_FILE
+from lungseg.progress import Progress
+from lungseg.segment import SegmentResult, run_segmentation
+from lungseg.storage import Store
 
-SUMMARY_FILE = "summary.json"
 WORST = 10
 
 
@@ -51,16 +54,27 @@ def summarise(rows: list[dict], model: str) -> dict:
     }
 
 
-def run_evaluation(config: SegmentConfig, split: str | None = None, subset: str = "val") -> dict:
+def run_evaluation(
+    config: SegmentConfig,
+    split: str | None = None,
+    subset: str = "val",
+    progress: Progress | None = None,
+) -> dict:
     """Segment the labelled images (only ``subset`` of the ``split`` file, when given) and write
     ``summary.json`` beside the per-image Parquet; returns the summary."""
+    store = Store.for_job(config.s3_endpoint)
     if split is not None:
-        ids = json.loads(storage.read_bytes(split, config.s3_endpoint))[subset]
-        config = replace(config, ids=tuple(ids))
-    result = run_segmentation(config)
-    fs, path = storage.resolve(result.table, config.s3_endpoint)
-    rows = pq.read_table(path, filesystem=fs).to_pylist()
-    summary = summarise(rows, config.model)
-    text = json.dumps(summary, indent=2).encode()
-    storage.write_bytes(storage.join(config.output, SUMMARY_FILE), text, config.s3_endpoint)
+        subsets = read_split(split, store)
+        if subset not in subsets:
+            raise UserError(f"{split} has no subset {subset!r}: it has {', '.join(subsets)}")
+        config = replace(config, ids=tuple(subsets[subset]))
+    summary: dict = {}
+
+    def summarise_into(result: SegmentResult, store: Store) -> None:
+        fs, path = store.resolve(result.table)
+        summary.update(summarise(pq.read_table(path, filesystem=fs).to_pylist(), config.model))
+        text = json.dumps(summary, indent=2).encode()
+        store.write_bytes(storage.join(config.output, SUMMARY_FILE), text)
+
+    run_segmentation(config, progress, job="evaluate", then=summarise_into)
     return summary

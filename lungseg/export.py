@@ -7,7 +7,8 @@ import tempfile
 import pyarrow.fs as pafs
 
 from lungseg import storage
-from lungseg.segment import load_model
+from lungseg.model import load_model
+from lungseg.storage import Store
 
 
 def export_saved_model(model: str, output: str, s3_endpoint: str | None = None) -> str:
@@ -16,8 +17,9 @@ def export_saved_model(model: str, output: str, s3_endpoint: str | None = None) 
     Its ``serve`` signature takes float32 ``(batch, size, size, 1)`` X-rays with values in
     [0, 255] and returns lung probabilities of the same shape.
     """
-    keras_model = load_model(model, s3_endpoint)
-    fs, path = storage.resolve(output, s3_endpoint)
+    store = Store.for_job(s3_endpoint)
+    keras_model = load_model(store.read_bytes(model))
+    fs, path = store.resolve(output)
     with tempfile.TemporaryDirectory() as folder, storage.explained(output):
         keras_model.export(folder, format="tf_saved_model")
         fs.create_dir(path, recursive=True)

@@ -1,8 +1,10 @@
-"""The U-Net, its loss and its overlap counts. Knows nothing of files or Ray."""
+"""The U-Net, its loss and its overlap counts, and loading a saved one. Knows nothing of Ray
+or of where a model file is stored."""
 
 from __future__ import annotations
 
-import math
+import os
+import tempfile
 
 import keras
 from keras import layers, ops
@@ -77,6 +79,18 @@ def bce_dice_loss(truth, probability, smooth: float = 1.0):
     return bce + 1.0 - (2.0 * intersection + smooth) / (total + smooth)
 
 
+def dice_per_image(truth, probability, threshold: float = 0.5):
+    """Per-image Dice at ``threshold``, shape ``(batch,)``; 1 where both masks are empty."""
+    tp, fp, fn = ops.unstack(overlap_counts(truth, probability, threshold), axis=1)
+    return ops.where(2 * tp + fp + fn > 0, 2 * tp / ops.maximum(2 * tp + fp + fn, 1), 1.0)
+
+
+def iou_per_image(truth, probability, threshold: float = 0.5):
+    """Per-image IoU at ``threshold``, shape ``(batch,)``; 1 where both masks are empty."""
+    tp, fp, fn = ops.unstack(overlap_counts(truth, probability, threshold), axis=1)
+    return ops.where(tp + fp + fn > 0, tp / ops.maximum(tp + fp + fn, 1), 1.0)
+
+
 def overlap_counts(truth, probability, threshold: float = 0.5):
     """Per-image true positive, false positive and false negative pixel counts, ``(batch, 3)``."""
     pred = ops.cast(probability >= threshold, "float32")
@@ -87,6 +101,21 @@ def overlap_counts(truth, probability, threshold: float = 0.5):
     )
 
 
-def cosine_learning_rate(base: float, epoch: int, epochs: int) -> float:
-    """Cosine decay from ``base`` at the first epoch towards 0 after the last."""
-    return base * 0.5 * (1 + math.cos(math.pi * epoch / epochs))
+def to_bytes(model: keras.Model) -> bytes:
+    """``model`` (architecture and weights, no optimizer state) as the bytes of a ``.keras``."""
+    copy = model.__class__.from_config(model.get_config())  # uncompiled: no optimizer
+    copy.set_weights(model.get_weights())
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, "model.keras")
+        copy.save(path)
+        with open(path, "rb") as f:
+            return f.read()
+
+
+def load_model(data: bytes) -> keras.Model:
+    """A model from the bytes of a ``.keras`` file, without its optimizer (for inference)."""
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, "model.keras")  # Keras reads .keras files by path only
+        with open(path, "wb") as f:
+            f.write(data)
+        return keras.models.load_model(path, compile=False)

@@ -1,15 +1,8 @@
-"""Pictures people look at: overlays, contact sheets, curves, histograms and an HTML report.
+"""``lungseg report``: a static HTML page of a segment job's output, with its pictures.
 
-Array pictures are drawn with OpenCV as ``uint8`` arrays (BGR when in colour), figures with
-matplotlib as PNG bytes; nothing here uses Ray. Overlay colours are fixed, so that every picture
-reads the same way: true positives (lung in the prediction and in the truth) green ``#00ff00``,
-false positives (predicted, not in the truth) red ``#ff0000``, false negatives (in the truth,
-missed) blue ``#0080ff``, blended over the X-ray (the errors more strongly than the agreement,
-:data:`ALPHAS`, so that they stand out and the lung stays readable); the predicted lung outline
-yellow ``#ffff00``.
-
-:func:`run_report` turns a segment job's output into a static ``report.html`` with its pictures
-in ``report/`` beside it.
+:func:`run_report` reads the job's table and writes ``report.html`` with ``report/*.png`` beside
+it: summary numbers, a histogram, contact sheets of the worst and best images (drawn by
+:mod:`lungseg.draw`) and a sortable table of every image. Runs without Ray or Keras.
 """
 
 from __future__ import annotations
@@ -17,229 +10,31 @@ from __future__ import annotations
 import csv
 import html
 import io
-import math
 import posixpath
 import statistics
 from collections import Counter
-from collections.abc import Sequence
 from dataclasses import dataclass
 from urllib.parse import quote
 
-import cv2
 import numpy as np
 import pyarrow.parquet as pq
 
-from lungseg import imaging, storage
+from lungseg import draw, imaging, storage
 from lungseg.config import ReportConfig
-
-# BGR, as OpenCV draws.
-TP_COLOUR = (0, 255, 0)
-FP_COLOUR = (0, 0, 255)
-FN_COLOUR = (255, 128, 0)
-OUTLINE_COLOUR = (0, 255, 255)
-# Weight of each agreement colour over the X-ray: true positives, false positives, negatives.
-ALPHAS = (0.3, 0.55, 0.55)
-DISPLAY_SIZE = 512  # longest side of the X-ray copy that overlays are drawn on
-CAPTION_HEIGHT = 24  # pixels of the caption band above each contact-sheet entry
-GAP = 8  # pixels between contact-sheet entries
-SHEET_BACKGROUND = 96
-SHEET_COLUMNS = 4  # entries per row of the report's contact sheets
-TILE = 256  # side of a report contact-sheet tile
-OVERLAYS_DIR = "overlays"
-REPORT_FILE = "report.html"
-ASSETS_DIR = "report"
-_FONT = cv2.FONT_HERSHEY_SIMPLEX
-_LEGEND = (
-    (TP_COLOUR, "true positive"),
-    (FP_COLOUR, "false positive"),
-    (FN_COLOUR, "false negative"),
+from lungseg.layout import (
+    ERROR,
+    METRICS_FILE,
+    OVERLAYS_DIR,
+    REPORT_ASSETS,
+    REPORT_FILE,
+    SEGMENT_TABLE,
 )
+from lungseg.storage import Store
 
 
-def downscale(image: np.ndarray, longest: int = DISPLAY_SIZE) -> np.ndarray:
-    """``image`` shrunk (area interpolation, aspect kept) to at most ``longest`` pixels a side."""
-    height, width = image.shape[:2]
-    scale = longest / max(height, width)
-    if scale >= 1:
-        return image
-    size = (max(1, round(width * scale)), max(1, round(height * scale)))
-    return cv2.resize(image, size, interpolation=cv2.INTER_AREA)
-
-
-def fit(image: np.ndarray, side: int) -> np.ndarray:
-    """``image`` scaled to fit a ``side`` square, aspect kept, centred on the sheet's gray."""
-    height, width = image.shape[:2]
-    scale = side / max(height, width)
-    size = (max(1, round(width * scale)), max(1, round(height * scale)))
-    smaller = cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR
-    scaled = cv2.resize(image, size, interpolation=smaller)
-    tile = np.full((side, side, *image.shape[2:]), SHEET_BACKGROUND, np.uint8)
-    y, x = (side - size[1]) // 2, (side - size[0]) // 2
-    tile[y : y + size[1], x : x + size[0]] = scaled
-    return tile
-
-
-def tint(pixels: np.ndarray, colour: tuple[int, int, int], alpha: float) -> np.ndarray:
-    """BGR ``pixels`` blended with ``colour`` at weight ``alpha``, rounded to ``uint8``."""
-    mixed = (1 - alpha) * pixels.astype(np.float64) + alpha * np.array(colour, np.float64)
-    return np.rint(mixed).astype(np.uint8)
-
-
-def overlay(image: np.ndarray, prediction: np.ndarray, truth: np.ndarray | None) -> np.ndarray:
-    """The X-ray in gray with the predicted lung outline and, given a truth, agreement colours.
-
-    ``image`` is 2-D ``uint8``, the masks 0/1 of its size. With a ``truth``, true positive,
-    false positive and false negative pixels are tinted (:func:`tint`, :data:`ALPHAS`); the
-    outline of the prediction goes on top, and a legend naming the colours in the lower left
-    corner. Returns BGR ``uint8`` of the image's size.
-    """
-    picture = cv2.cvtColor(image, cv2.COLOR_GRAY2BGR)
-    predicted = prediction.astype(bool)
-    legend = []
-    if truth is not None:
-        true = truth.astype(bool)
-        wheres = (predicted & true, predicted & ~true, ~predicted & true)
-        for (colour, label), alpha, where in zip(_LEGEND, ALPHAS, wheres, strict=True):
-            picture[where] = tint(picture[where], colour, alpha)
-            legend.append((colour, label))
-    contours, _ = cv2.findContours(
-        predicted.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE
-    )
-    thickness = max(1, round(max(image.shape) / 256))
-    cv2.drawContours(picture, contours, -1, OUTLINE_COLOUR, thickness, cv2.LINE_8)
-    _draw_legend(picture, [*legend, (OUTLINE_COLOUR, "predicted outline")], thickness)
-    return picture
-
-
-def _draw_legend(
-    picture: np.ndarray, entries: list[tuple[tuple[int, int, int], str]], thickness: int
-) -> None:
-    """Colour swatches (the last entry a line: the outline) and labels on a darkened box."""
-    scale = max(0.3, max(picture.shape[:2]) / 1400)
-    (text_w, text_h), _ = cv2.getTextSize(max((e[1] for e in entries), key=len), _FONT, scale, 1)
-    line, swatch, pad = round(text_h * 1.7), round(text_h * 1.6), round(text_h * 0.6)
-    box_w, box_h = pad * 3 + swatch + text_w, pad * 2 + line * len(entries)
-    x0, y0 = pad, picture.shape[0] - pad - box_h
-    if x0 < 0 or y0 < 0 or box_w + pad > picture.shape[1]:
-        return  # too small a picture to carry a legend
-    box = picture[y0 : y0 + box_h, x0 : x0 + box_w]
-    box[:] = (box * 0.3).astype(np.uint8)
-    for k, (colour, label) in enumerate(entries):
-        top = y0 + pad + k * line + (line - text_h) // 2
-        left, right = x0 + pad, x0 + pad + swatch
-        if k == len(entries) - 1:
-            middle = top + text_h // 2
-            cv2.line(picture, (left, middle), (right, middle), colour, thickness)
-        else:
-            cv2.rectangle(picture, (left, top), (right, top + text_h), colour, cv2.FILLED)
-        cv2.putText(
-            picture, label, (right + pad, top + text_h), _FONT, scale, (255,) * 3, 1, cv2.LINE_AA
-        )
-
-
-def contact_sheet(entries: Sequence[tuple[str, Sequence[np.ndarray]]], columns: int) -> np.ndarray:
-    """Captioned entries, each one or more equal ``uint8`` tiles side by side, in a grid.
-
-    ``columns`` entries per row, :data:`GAP` pixels between entries, a black
-    :data:`CAPTION_HEIGHT` band with the caption in white above each entry. Every entry has as
-    many tiles, all of one height and width; the sheet is BGR when any tile is, else gray.
-    """
-    colour = any(tile.ndim == 3 for _, tiles in entries for tile in tiles)
-    height, width = entries[0][1][0].shape[:2]
-    cols, rows = min(len(entries), columns), -(-len(entries) // columns)
-    cell_w, cell_h = len(entries[0][1]) * width, CAPTION_HEIGHT + height
-    shape = (rows * (cell_h + GAP) - GAP, cols * (cell_w + GAP) - GAP)
-    sheet = np.full((*shape, 3) if colour else shape, SHEET_BACKGROUND, np.uint8)
-    white = (255,) * 3 if colour else 255
-    for k, (caption, tiles) in enumerate(entries):
-        y, x = (k // columns) * (cell_h + GAP), (k % columns) * (cell_w + GAP)
-        sheet[y : y + CAPTION_HEIGHT, x : x + cell_w] = 0
-        cv2.putText(sheet, caption, (x + 6, y + 17), _FONT, 0.5, white, 1, cv2.LINE_AA)
-        for j, tile in enumerate(tiles):
-            if colour and tile.ndim == 2:
-                tile = cv2.cvtColor(tile, cv2.COLOR_GRAY2BGR)
-            sheet[y + CAPTION_HEIGHT : y + cell_h, x + j * width : x + (j + 1) * width] = tile
-    return sheet
-
-
-def four_panel(image: np.ndarray, truth: np.ndarray, prediction: np.ndarray) -> np.ndarray:
-    """Input, ground truth, prediction and overlap (:func:`overlay`) in a titled row, as BGR."""
-    panels = (
-        ("input", image),
-        ("ground truth", truth.astype(np.uint8) * 255),
-        ("prediction", prediction.astype(np.uint8) * 255),
-        ("overlap", overlay(image, prediction, truth)),
-    )
-    return contact_sheet([(title, [panel]) for title, panel in panels], columns=len(panels))
-
-
-def _figure_png(draw, size: tuple[float, float]) -> bytes:
-    """PNG bytes of a matplotlib figure of ``size`` inches at 100 dpi, filled by ``draw(plt)``."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure = plt.figure(figsize=size, dpi=100)
-    draw(figure)
-    figure.tight_layout()
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png")
-    plt.close(figure)
-    return buffer.getvalue()
-
-
-def curves_png(history: list[dict]) -> bytes:
-    """Loss, Dice and IoU per epoch, training and validation, side by side: 1500x400 PNG."""
-    epochs = [row["epoch"] for row in history]
-
-    def draw(figure) -> None:
-        for k, metric in enumerate(("loss", "dice", "iou")):
-            axis = figure.add_subplot(1, 3, k + 1)
-            for prefix, style in (("", "-o"), ("val_", "--s")):
-                values = [row.get(prefix + metric) for row in history]
-                points = [(e, v) for e, v in zip(epochs, values, strict=True) if v is not None]
-                if points:
-                    axis.plot(*zip(*points, strict=True), style, label=prefix + metric)
-            axis.set_xlabel("epoch")
-            axis.xaxis.get_major_locator().set_params(integer=True)
-            axis.set_title({"loss": "Loss", "dice": "Dice", "iou": "IoU"}[metric])
-            axis.grid(alpha=0.3)
-            axis.legend()
-
-    return _figure_png(draw, (15, 4))
-
-
-def histogram_png(values: Sequence[float], label: str) -> bytes:
-    """Histogram of ``values`` in [0, 1], mean and median marked: 700x350 PNG.
-
-    20 bins over the values' range widened to multiples of 0.05, so that a run whose Dice are
-    all near 0.9 still shows their spread.
-    """
-    lo = math.floor(min(values) * 20) / 20
-    hi = max(math.ceil(max(values) * 20) / 20, lo + 0.05)
-
-    def draw(figure) -> None:
-        axis = figure.add_subplot()
-        axis.hist(values, bins=np.linspace(lo, hi, 21), color="#4878a8", edgecolor="white")
-        for value, style, name in (
-            (statistics.fmean(values), "-", "mean"),
-            (statistics.median(values), "--", "median"),
-        ):
-            axis.axvline(value, color="#c03030", linestyle=style, label=f"{name} {value:.3f}")
-        axis.set_xlim(lo, hi)
-        axis.set_xlabel(label)
-        axis.set_ylabel("images")
-        axis.yaxis.get_major_locator().set_params(integer=True)
-        axis.set_title(f"{label} of {len(values)} images")
-        axis.legend(loc="best")
-
-    return _figure_png(draw, (7, 3.5))
-
-
-def read_metrics(run: str, s3_endpoint: str | None = None) -> list[dict]:
+def read_metrics(run: str, store: Store) -> list[dict]:
     """A training run's ``metrics.csv`` as one dict per epoch (numbers; None where empty)."""
-    text = storage.read_bytes(storage.join(run, "metrics.csv"), s3_endpoint).decode()
+    text = store.read_bytes(storage.join(run, METRICS_FILE)).decode()
     return [
         {key: (float(value) if value else None) for key, value in row.items()}
         | {"epoch": int(row["epoch"])}
@@ -267,33 +62,29 @@ class ReportResult:
     failed: int
 
 
-def _sheet_tile(row: dict, s3_endpoint: str | None) -> np.ndarray:
-    """A row's overlay as a :data:`TILE` square; without one, drawn from its source and mask.
+def _sheet_tile(row: dict, store: Store) -> np.ndarray:
+    """A row's overlay as a :data:`draw.TILE` square; without one, drawn from source and mask.
 
     Unreadable files give a blank tile: the sheet is for looking at, the table says the rest.
     """
     try:
         if row["overlay"] is not None:
-            picture = imaging.decode(storage.read_bytes(row["overlay"], s3_endpoint), "overlay")
+            picture = imaging.decode(store.read_bytes(row["overlay"]), "overlay")
         else:
-            data = storage.read_bytes(row["source"], s3_endpoint)
-            image = downscale(imaging.load_image(data, row["source"]))
-            mask = imaging.binarise(
-                imaging.decode(storage.read_bytes(row["mask"], s3_endpoint), row["mask"])
-            )
-            picture = overlay(image, imaging.resize_mask(mask, *image.shape), None)
+            source = imaging.load_image(store.read_bytes(row["source"]), row["source"])
+            image = draw.downscale(source)
+            mask = imaging.binarise(imaging.decode(store.read_bytes(row["mask"]), row["mask"]))
+            picture = draw.overlay(image, imaging.resize_mask(mask, *image.shape), None)
     except (OSError, ValueError):
-        picture = np.full((TILE, TILE, 3), SHEET_BACKGROUND, np.uint8)
-    return fit(picture, TILE)
+        picture = np.full((draw.TILE, draw.TILE, 3), draw.SHEET_BACKGROUND, np.uint8)
+    return draw.fit(picture, draw.TILE)
 
 
-def _sheet_png(rows: list[dict], key: str, s3_endpoint: str | None) -> bytes:
+def _sheet_png(rows: list[dict], key: str, store: Store) -> bytes:
     """A contact sheet of ``rows``' overlays, captioned with id and the ranking value."""
     label = _RANKINGS[key][0]
-    entries = [
-        (f"{row['id']}  {label} {row[key]:.3f}", [_sheet_tile(row, s3_endpoint)]) for row in rows
-    ]
-    return imaging.encode_image(contact_sheet(entries, SHEET_COLUMNS))
+    entries = [(f"{row['id']}  {label} {row[key]:.3f}", [_sheet_tile(row, store)]) for row in rows]
+    return imaging.encode_image(draw.contact_sheet(entries, draw.SHEET_COLUMNS))
 
 
 def _stats(values: list[float]) -> str:
@@ -410,7 +201,7 @@ def render_html(
     }
     legend = "".join(
         f'<span class="swatch" style="background:{_hex(c)}"></span>{label}'
-        for c, label in (*_LEGEND, (OUTLINE_COLOUR, "predicted outline"))
+        for c, label in (*draw.LEGEND, (draw.OUTLINE_COLOUR, "predicted outline"))
     )
     parts = [
         '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">',
@@ -445,10 +236,9 @@ def run_report(config: ReportConfig) -> ReportResult:
     no image has a ground truth; no image on both) use the job's overlays where written. With
     ``config.run``, the training curves of its ``metrics.csv`` are included.
     """
-    from lungseg.segment import TABLE_FILE
-
-    table_uri = storage.join(config.output, TABLE_FILE)
-    fs, path = storage.resolve(table_uri, config.s3_endpoint)
+    store = Store.for_job(config.s3_endpoint)
+    table_uri = storage.join(config.output, SEGMENT_TABLE)
+    fs, path = store.resolve(table_uri)
     with storage.explained(table_uri):
         rows = pq.read_table(path, filesystem=fs).to_pylist()
     key = "dice" if any(row["dice"] is not None for row in rows) else "lung_fraction"
@@ -458,20 +248,20 @@ def run_report(config: ReportConfig) -> ReportResult:
     best = ranked[len(worst) :][::-1][: config.sheet]
     pngs: dict[str, bytes] = {}
     if ranked:
-        pngs["histogram"] = histogram_png([row[key] for row in ranked], _RANKINGS[key][0])
+        pngs["histogram"] = draw.histogram_png([row[key] for row in ranked], _RANKINGS[key][0])
     for name, chosen in (("worst", worst), ("best", best)):
         if chosen:
-            pngs[name] = _sheet_png(chosen, key, config.s3_endpoint)
+            pngs[name] = _sheet_png(chosen, key, store)
     if config.run is not None:
-        pngs["curves"] = curves_png(read_metrics(config.run, config.s3_endpoint))
-    pictures = {name: f"{ASSETS_DIR}/{name}.png" for name in pngs}
+        pngs["curves"] = draw.curves_png(read_metrics(config.run, store))
+    pictures = {name: f"{REPORT_ASSETS}/{name}.png" for name in pngs}
     for name, data in pngs.items():
-        storage.write_bytes(storage.join(config.output, pictures[name]), data, config.s3_endpoint)
+        store.write_bytes(storage.join(config.output, pictures[name]), data)
     page = render_html(rows, _summary(rows), pictures, key)
     html_uri = storage.join(config.output, REPORT_FILE)
-    storage.write_bytes(html_uri, page.encode(), config.s3_endpoint)
+    store.write_bytes(html_uri, page.encode())
     return ReportResult(
         html=html_uri,
         images=len(rows),
-        failed=sum(row["status"] == "error" for row in rows),
+        failed=sum(row["status"] == ERROR for row in rows),
     )

@@ -3,7 +3,7 @@
 Three overlapping Ray Data stages: OpenCV preprocessing actors, segmenting actors that load the
 model once each (a GPU each when asked), and post-processing tasks that clean the mask, restore
 the image's size, write the PNG and score it against the ground truth when there is one, and
-with ``overlays`` draw the X-ray's overlay (:func:`lungseg.report.overlay`) there too.
+with ``overlays`` draw the X-ray's overlay (:func:`lungseg.draw.overlay`) there too.
 
 Every image gets one row; with ``resume``, images whose row and files an earlier run already
 wrote are kept, and only the rest are segmented (see :func:`run_segmentation`).
@@ -12,22 +12,36 @@ wrote are kept, and only the rest are segmented (see :func:`run_segmentation`).
 from __future__ import annotations
 
 import contextlib
-import os
-import tempfile
-from collections.abc import Sequence
+import hashlib
+import logging
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
 import ray
 
-from lungseg import catalog, imaging, pipeline, report, storage
+from lungseg import catalog, draw, imaging, modelfile, outputs, pipeline, qc, storage, table
 from lungseg.config import SegmentConfig
+from lungseg.layout import (
+    ERROR,
+    FLAGGED,
+    MASKS_DIR,
+    NO_TRUTH,
+    OK,
+    OVERLAYS_DIR,
+    REPORT_ASSETS,
+    REPORT_FILE,
+    SEGMENT_TABLE,
+    SUMMARY_FILE,
+)
 from lungseg.metrics import confusion
+from lungseg.preprocess import INFO_COLUMNS
+from lungseg.progress import Progress
+from lungseg.storage import Store
 
-TABLE_FILE = "segmentation.parquet"
-MASKS_DIR = "masks"
-NO_TRUTH = "no ground-truth mask found: not scored"
+logger = logging.getLogger(__name__)
+
 SCHEMA = pa.schema(
     [
         ("id", pa.string()),
@@ -66,18 +80,6 @@ class SegmentResult:
     mean_dice: float | None
 
 
-def load_model(uri: str, s3_endpoint: str | None = None):
-    """Load a ``.keras`` model from a path or URI, without its optimizer."""
-    os.environ.setdefault("KERAS_BACKEND", "tensorflow")
-    import keras
-
-    with tempfile.TemporaryDirectory() as folder:
-        local = os.path.join(folder, os.path.basename(uri.rstrip("/")) or "model.keras")
-        with open(local, "wb") as f:
-            f.write(storage.read_bytes(uri, s3_endpoint))
-        return keras.models.load_model(local, compile=False)
-
-
 def single_inter_op_thread() -> None:
     """Run TensorFlow's independent ops one at a time, each on all cores (intra-op threads).
 
@@ -102,23 +104,19 @@ class Segmenter:
     """
 
     def __init__(
-        self,
-        model: str,
-        batch_size: int,
-        s3_endpoint: str | None = None,
-        precision: str = "float32",
+        self, model: str, batch_size: int, store: Store, precision: str = "float32"
     ) -> None:
-        from lungseg.model import with_precision
+        from lungseg.model import load_model, with_precision
 
         single_inter_op_thread()
-        self.model = with_precision(load_model(model, s3_endpoint), precision)
+        self.model = with_precision(load_model(store.read_bytes(model)), precision)
         self.batch_size = batch_size
         self.batches = 0
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         pipeline.inject_fault("segmenter", self.batches)
         self.batches += 1
-        ok = batch["status"] == pipeline.OK
+        ok = batch["status"] == OK
         probability = np.zeros(batch["image"].shape, np.uint8)
         if ok.any():
             n = int(ok.sum())
@@ -132,7 +130,7 @@ class Segmenter:
 
 
 def _row(
-    case_id: str, source: str, status: str = pipeline.ERROR, error: str | None = None, **values
+    case_id: str, source: str, status: str = ERROR, error: str | None = None, **values
 ) -> dict:
     row = dict.fromkeys(SCHEMA.names)
     row |= {"id": case_id, "source": source, "status": status, "error": error or None, **values}
@@ -142,7 +140,7 @@ def _row(
 def _header(batch: dict[str, np.ndarray], i: int) -> dict[str, str | float | None]:
     """Row ``i``'s DICOM header columns, the actor's empty strings and NaN made null."""
     header: dict[str, str | float | None] = {}
-    for key in pipeline.INFO_COLUMNS:
+    for key in INFO_COLUMNS:
         value = batch[key][i]
         if isinstance(value, float | np.floating):
             header[key] = None if np.isnan(value) else float(value)
@@ -152,23 +150,19 @@ def _header(batch: dict[str, np.ndarray], i: int) -> dict[str, str | float | Non
 
 
 def _write_overlay(
-    display_png: bytes,
-    mask: np.ndarray,
-    truth: np.ndarray | None,
-    uri: str,
-    s3_endpoint: str | None,
+    display_png: bytes, mask: np.ndarray, truth: np.ndarray | None, uri: str, store: Store
 ) -> None:
     """Draw the overlay on the display copy of the X-ray (masks resized to it), write it."""
     display = imaging.decode(display_png, "display copy")
     masks = [None if m is None else imaging.resize_mask(m, *display.shape) for m in (mask, truth)]
-    storage.write_bytes(uri, imaging.encode_image(report.overlay(display, *masks)), s3_endpoint)
+    store.write_bytes(uri, imaging.encode_image(draw.overlay(display, *masks)))
 
 
 def write_masks(
     batch: dict[str, np.ndarray],
     output: str,
     threshold: float,
-    s3_endpoint: str | None,
+    store: Store,
     overlays: bool = False,
     truth_required: bool = False,
 ) -> dict[str, list]:
@@ -177,26 +171,29 @@ def write_masks(
     Files are named by the case's output name (:func:`lungseg.catalog.output_name`):
     ``masks/<name>.png``. ``lung_area_mm2`` is the lung pixel count times the pixel area (row x
     column spacing), null where the spacing is unknown. With ``overlays`` (the batch then has
-    ``display_png``), each image's overlay goes to ``overlays/<name>.png``. With
-    ``truth_required`` (ground-truth masks were given), an image without one is ``flagged``.
+    ``display_png``), each image's overlay goes to ``overlays/<name>.png``. An implausible mask
+    (:func:`lungseg.qc.implausible`: no lung, one lung, far too much or too little) is
+    ``flagged`` with the reasons in ``error``, as is, with ``truth_required`` (ground-truth
+    masks were given), an image without one.
     """
     rows = []
     for i, case_id in enumerate(batch["id"]):
         case_id, name, source = str(case_id), str(batch["name"][i]), str(batch["source"][i])
-        if batch["status"][i] != pipeline.OK:
+        if batch["status"][i] != OK:
             rows.append(_row(case_id, source, error=str(batch["error"][i])))
             continue
         try:
             height, width = int(batch["height"][i]), int(batch["width"][i])
             small = imaging.postprocess(batch["probability"][i] / 255.0, threshold)
+            doubts = qc.implausible(small)
             mask = imaging.resize_mask(small, height, width)
             uri = storage.join(output, f"{MASKS_DIR}/{name}.png")
-            storage.write_bytes(uri, imaging.encode_png(mask), s3_endpoint)
+            store.write_bytes(uri, imaging.encode_png(mask))
             header = _header(batch, i)
             row = _row(
                 case_id,
                 source,
-                pipeline.OK,
+                OK,
                 mask=uri,
                 height=height,
                 width=width,
@@ -213,34 +210,102 @@ def write_masks(
                 row |= {"tp": counts.tp, "fp": counts.fp, "fn": counts.fn}
                 row |= {"dice": counts.dice, "iou": counts.iou}
             elif truth_required:
-                row |= {"status": pipeline.FLAGGED, "error": NO_TRUTH}
+                doubts.append(NO_TRUTH)
+            if doubts:
+                row |= {"status": FLAGGED, "error": "; ".join(doubts)}
             if overlays:
-                row["overlay"] = storage.join(output, f"{report.OVERLAYS_DIR}/{name}.png")
-                _write_overlay(batch["display_png"][i], mask, truth, row["overlay"], s3_endpoint)
+                row["overlay"] = storage.join(output, f"{OVERLAYS_DIR}/{name}.png")
+                _write_overlay(batch["display_png"][i], mask, truth, row["overlay"], store)
             rows.append(row)
         except Exception as exc:  # a bad image becomes an error row, never a crashed job
             rows.append(_row(case_id, source, error=f"{type(exc).__name__}: {exc}"))
     return {name: [row[name] for row in rows] for name in SCHEMA.names}
 
 
-def run_segmentation(config: SegmentConfig) -> SegmentResult:
+MAKES = (
+    SEGMENT_TABLE,
+    SEGMENT_TABLE + table.JOURNAL_SUFFIX,
+    MASKS_DIR,
+    OVERLAYS_DIR,
+    SUMMARY_FILE,
+    REPORT_FILE,
+    REPORT_ASSETS,
+)
+"""What a segment or evaluate job (and a report of it) writes directly under its output root."""
+
+
+def settings(config: SegmentConfig, model: modelfile.ModelFile) -> dict:
+    """Every setting that changes a segment job's outputs: what its manifest records, and what
+    a resumed run must share with the run it goes on with."""
+    ids = None if config.ids is None else sorted(config.ids)
+    return {
+        "input": config.input,
+        "masks": config.masks,
+        "ids_sha256": None if ids is None else hashlib.sha256("\n".join(ids).encode()).hexdigest(),
+        "model_sha256": model.sha256,
+        "model_input_size": model.size,
+        "threshold": config.threshold,
+        "precision": config.precision,
+        "batch_size": config.batch_size,
+        "overlays": config.overlays,
+    }
+
+
+def run_segmentation(
+    config: SegmentConfig,
+    progress: Progress | None = None,
+    job: str = "segment",
+    then: Callable[[SegmentResult, Store], None] | None = None,
+) -> SegmentResult:
     """Segment every image under ``config.input``; masks and the Parquet table go to ``output``.
 
-    With ``config.resume``, the rows that an earlier run with the same options left in the
-    output root (its table, or the journal of an interrupted run) are kept where the row is not
-    an ``error``, its source is the same and its mask (and overlay) files exist; only the other
-    images are segmented, and the table holds both, as an uninterrupted run would.
+    The output root is claimed first (:func:`lungseg.outputs.claimed`): never where the job
+    reads, one job at a time, one run per root. With ``config.resume``, the rows that the
+    earlier run with the same settings left in the output root (its table, or the journal of an
+    interrupted run) are kept where the row is not an ``error``, its source is the same and its
+    mask (and overlay) files exist; only the other images are segmented, and the table holds
+    both, as an uninterrupted run would. ``progress`` sees every image as its row is written;
+    ``then`` (evaluate's summary) runs before the root is given up.
     """
-    storage.check_writable(config.output, config.s3_endpoint)
-    found = catalog.find_cases(config.input, config.masks, config.s3_endpoint)
-    print(f"catalog: {found.summary()}")
+    progress = progress or Progress()
+    store = Store.for_job(config.s3_endpoint)
+    model = modelfile.describe(store.read_bytes(config.model), config.model)
+    found = catalog.find_cases(config.input, config.masks, store)
+    logger.info("catalog: %s", found.summary())
     cases = found.cases if config.ids is None else found.select(config.ids)
-    table_uri = storage.join(config.output, TABLE_FILE)
-    kept = _resumable(cases, table_uri, config) if config.resume else []
+    with outputs.claimed(
+        store,
+        config.output,
+        job,
+        settings(config, model),
+        MAKES,
+        reads={"--input": config.input, "--masks": config.masks},
+        resume=config.resume,
+        overwrite=config.overwrite,
+    ) as claim:
+        result = _segment(config, cases, model, store, claim.resumed, progress)
+        if then is not None:
+            then(result, store)
+        claim.write_manifest(
+            state="complete", images=result.images, flagged=result.flagged, failed=result.failed
+        )
+    return result
+
+
+def _segment(
+    config: SegmentConfig,
+    cases: Sequence[catalog.Case],
+    model: modelfile.ModelFile,
+    store: Store,
+    resume: bool,
+    progress: Progress,
+) -> SegmentResult:
+    table_uri = storage.join(config.output, SEGMENT_TABLE)
+    kept = _resumable(cases, table_uri, config, store) if resume else []
     done = {row["id"] for row in kept}
     todo = [case for case in cases if case.id not in done]
-    if config.resume:
-        print(f"resume: {len(kept)} images done by an earlier run, {len(todo)} to segment")
+    if resume:
+        logger.info("resume: %d images done by an earlier run, %d to segment", len(kept), len(todo))
     res = config.resources
     budget = pipeline.CpuBudget.for_cluster(
         config.segment_actors, res.preprocess_actors, None, res.actor_cpus
@@ -250,18 +315,18 @@ def run_segmentation(config: SegmentConfig) -> SegmentResult:
         rows = (
             pipeline.preprocessed(
                 todo,
-                _model_size(config),
+                model.size,
                 res.preprocess_actors,
                 budget.actor,
-                config.s3_endpoint,
-                report.DISPLAY_SIZE if config.overlays else 0,
+                store,
+                draw.DISPLAY_SIZE if config.overlays else 0,
             )
             .map_batches(
                 Segmenter,
                 fn_constructor_kwargs={
                     "model": config.model,
                     "batch_size": config.batch_size,
-                    "s3_endpoint": config.s3_endpoint,
+                    "store": store,
                     "precision": config.precision,
                 },
                 compute=ray.data.ActorPoolStrategy(size=config.segment_actors),
@@ -274,7 +339,7 @@ def run_segmentation(config: SegmentConfig) -> SegmentResult:
                 fn_kwargs={
                     "output": config.output,
                     "threshold": config.threshold,
-                    "s3_endpoint": config.s3_endpoint,
+                    "store": store,
                     "overlays": config.overlays,
                     "truth_required": config.masks is not None,
                 },
@@ -283,45 +348,49 @@ def run_segmentation(config: SegmentConfig) -> SegmentResult:
             )
         )
     dice: list[float] = []
-    statuses = pipeline.write_table(
-        rows,
+
+    def account(rows: pa.Table) -> None:
+        dice.extend(d for d in rows["dice"].to_pylist() if d is not None)
+        progress.advance(rows.num_rows, rows["status"].to_pylist().count(ERROR))
+
+    progress.start("segment", len(cases))
+    statuses = table.write_table(
+        pipeline.row_batches(rows),
         table_uri,
         SCHEMA,
         cases,
-        config.s3_endpoint,
-        on_table=lambda table: dice.extend(d for d in table["dice"].to_pylist() if d is not None),
+        store,
+        on_table=account,
         known=kept,
-        resume=config.resume,
+        resume=resume,
     )
+    progress.finish()
     return SegmentResult(
         output=config.output,
         table=table_uri,
         images=len(cases),
-        flagged=statuses[pipeline.FLAGGED],
-        failed=statuses[pipeline.ERROR],
+        flagged=statuses[FLAGGED],
+        failed=statuses[ERROR],
         resumed=len(kept),
         mean_dice=float(np.mean(dice)) if dice else None,
     )
 
 
-def _resumable(cases: Sequence[catalog.Case], table: str, config: SegmentConfig) -> list[dict]:
+def _resumable(
+    cases: Sequence[catalog.Case], table_uri: str, config: SegmentConfig, store: Store
+) -> list[dict]:
     """The rows of earlier runs that a resumed run keeps (see :func:`run_segmentation`)."""
     sources = {case.id: case.image for case in cases}
-    written = set(storage.list_files(config.output, config.s3_endpoint))
+    written = set(store.list_files(config.output))
 
     def exists(uri: str | None) -> bool:
-        return uri is not None and storage.resolve(uri, config.s3_endpoint)[1] in written
+        return uri is not None and store.resolve(uri)[1] in written
 
     return [
         row
-        for row in pipeline.previous_rows(table, SCHEMA, config.s3_endpoint)
+        for row in table.previous_rows(table_uri, SCHEMA, store)
         if sources.get(row["id"]) == row["source"]
-        and row["status"] != pipeline.ERROR
+        and row["status"] != ERROR
         and exists(row["mask"])
         and (exists(row["overlay"]) if config.overlays else row["overlay"] is None)
     ]
-
-
-def _model_size(config: SegmentConfig) -> int:
-    """The model's input size, read from the model file on the driver."""
-    return int(load_model(config.model, config.s3_endpoint).input_shape[1])

@@ -1,4 +1,7 @@
-"""Data-parallel U-Net training on Ray Train: the per-worker loop and ``run_training``.
+"""Data-parallel U-Net training on Ray Train: the per-worker loop and :func:`run_training`.
+
+The recipe (schedule, augmentation, validation, early stopping, the kept epoch) is
+:mod:`lungseg.recipe`'s, shared with the single-process trainer (:mod:`lungseg.fit`).
 
 Why a custom training loop: Keras 3 ``model.fit`` under ``MultiWorkerMirroredStrategy`` fails
 with two or more workers (ray-project/ray#47464, keras-team/keras#20585), and tf-keras ``fit``
@@ -9,68 +12,36 @@ context), and leaves saving to rank 0 alone.
 
 from __future__ import annotations
 
-import csv
-import io
 import json
+import logging
 import os
 import shutil
 import tempfile
+import threading
 import time
-from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 
 import numpy as np
-import pyarrow as pa
 import ray
 import ray.train
 import ray.train.collective
-from ray.train.tensorflow import TensorflowTrainer
+from ray.data.expressions import col
 
-from lungseg import catalog, imaging, pipeline, report, storage
-from lungseg.config import TrainConfig
-from lungseg.metrics import Confusion
+from lungseg import catalog, pipeline, recipe, storage
+from lungseg.config import RecipeConfig, TrainConfig
+from lungseg.errors import UserError
+from lungseg.layout import ERROR, OK
+from lungseg.progress import Progress
+from lungseg.runfolder import TrainResult, claim_run, finish_run, read_data, write_data_table
+from lungseg.storage import Store
 
-MODEL_FILE = "model.keras"
-BEST_FILE = "best.keras"
-STATE_FILE = "state.json"
-DATA_FILE = "data.parquet"
-COLUMNS = [
-    "epoch", "learning_rate", "loss", "dice", "iou", "val_loss", "val_dice", "val_iou", "seconds"
-]  # fmt: skip
-"""metrics.csv; ``seconds`` is the epoch's training and validation, checkpointing left out."""
-DATA_SCHEMA = pa.schema(
-    [
-        ("id", pa.string()),
-        ("source", pa.string()),
-        ("split", pa.string()),
-        ("status", pa.string()),
-        ("error", pa.string()),
-    ]
-)
-"""``data.parquet``: one row per image under ``--data``, with the split it went to."""
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_MODEL = "model.keras"  # in a checkpoint: the last epoch's model and optimizer
+BEST_FILE = "best.keras"  # in a checkpoint: the kept epoch's model so far
+STATE_FILE = "state.json"  # in a checkpoint: the history so far
 MAX_FAILURES = 2
 """Times a run restarts its workers from the last checkpoint after one of them died."""
-_FAILED_SHOWN = 10  # failed pairs named in the error when too few are left
-
-
-@dataclass(frozen=True)
-class TrainResult:
-    """Where a finished run put its files, and its last epoch's metrics."""
-
-    run: str
-    model: str
-    metrics: dict
-    history: list[dict]
-    table: str  # data.parquet: every image and whether it was trained on
-    images: int
-    flagged: int
-    failed: int
-
-
-def _image_scores(counts: np.ndarray) -> tuple[float, float]:
-    """Mean per-image Dice and IoU of an ``(n, 3)`` array of tp/fp/fn counts."""
-    cases = [Confusion(*map(int, row)) for row in counts]
-    return float(np.mean([c.dice for c in cases])), float(np.mean([c.iou for c in cases]))
 
 
 def _batches(shard, batch_size: int, shuffle: int | None = None, rng=None):
@@ -83,65 +54,53 @@ def _batches(shard, batch_size: int, shuffle: int | None = None, rng=None):
     ):
         images, masks = batch["image"], batch["mask"]
         if rng is not None:
-            pairs = [imaging.augment(x, y, rng) for x, y in zip(images, masks, strict=True)]
-            images, masks = np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs])
+            images, masks = recipe.augment_batch(images, masks, rng)
         yield images[..., None], masks[..., None]
 
 
-def should_stop(history: list[dict], patience: int) -> bool:
-    """Early stopping: ``patience`` epochs in a row without a better validation Dice (0: never)."""
-    scores = [row.get("val_dice") for row in history]
-    if not patience or not scores or scores[-1] is None:
-        return False
-    best = max(range(len(scores)), key=lambda i: (scores[i], -i))
-    return len(scores) - 1 - best >= patience
-
-
-def loop_config(config: TrainConfig) -> dict:
-    """The settings :func:`train_loop_per_worker` reads, from a job's config."""
-    return {
-        "model": asdict(config.model),
-        "epochs": config.epochs,
-        "batch_size": config.batch_size,
-        "learning_rate": config.learning_rate,
-        "seed": config.seed,
-        "augment": config.augment,
-        "patience": config.patience,
-    }
+def loop_config(config: TrainConfig, progress=None) -> dict:
+    """The settings :func:`train_loop_per_worker` reads: the recipe, and where rank 0 sends
+    each epoch's row for the driver to show (a ``ray.util.queue.Queue``, or None)."""
+    return {"recipe": config.recipe, "progress": progress}
 
 
 def train_loop_per_worker(config: dict) -> None:
     """One Ray Train worker: build or restore the model, then train, validate, report per epoch.
 
-    Test hook: ``LUNGSEG_FAULT_TRAIN_RANK<r>=<epoch>`` makes rank r exit once after the training
-    steps of that epoch, before it is validated and reported (:func:`pipeline.inject_fault`).
+    Rank 0 validates, keeps the best epoch's model and decides when to stop; the others follow
+    its decision, broadcast at the start of each epoch. Test hook:
+    ``LUNGSEG_FAULT_TRAIN_RANK<r>=<epoch>`` makes rank r exit once after the training steps of
+    that epoch, before it is validated and reported (:func:`pipeline.inject_fault`).
     """
-    os.environ.setdefault("KERAS_BACKEND", "tensorflow")
     import keras
     import tensorflow as tf
 
-    from lungseg.model import bce_dice_loss, build_unet, cosine_learning_rate, overlap_counts
+    from lungseg.model import bce_dice_loss, build_unet, overlap_counts, to_bytes
 
+    settings: RecipeConfig = config["recipe"]
+    queue = config["progress"]
     strategy = tf.distribute.MultiWorkerMirroredStrategy()
     context = ray.train.get_context()
-    rank = context.get_world_rank()
-    keras.utils.set_random_seed(config["seed"])
+    rank, workers = context.get_world_rank(), context.get_world_size()
+    keras.utils.set_random_seed(settings.seed)
 
     history: list[dict] = []
-    best = b""  # the .keras bytes of the epoch with the best validation Dice so far (rank 0)
+    best = b""  # the .keras bytes of the kept epoch so far (rank 0)
     checkpoint = ray.train.get_checkpoint()
     with strategy.scope():
         if checkpoint:
             with checkpoint.as_directory() as folder:
-                model = keras.models.load_model(os.path.join(folder, MODEL_FILE), compile=True)
+                model = keras.models.load_model(os.path.join(folder, CHECKPOINT_MODEL))
                 with open(os.path.join(folder, STATE_FILE)) as f:
                     history = json.load(f)["history"]
                 with open(os.path.join(folder, BEST_FILE), "rb") as f:
                     best = f.read()
         else:
-            model = build_unet(**config["model"])
-            model.compile(optimizer=keras.optimizers.Adam(config["learning_rate"]))
+            model = build_unet(**asdict(settings.model))
+            model.compile(optimizer=keras.optimizers.Adam(settings.learning_rate))
         optimizer = model.optimizer
+    if rank == 0 and queue is not None and history:
+        queue.put({"resumed": history})
 
     def step(images, masks):
         with tf.GradientTape() as tape:
@@ -166,13 +125,15 @@ def train_loop_per_worker(config: dict) -> None:
 
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
-    batch_size, epochs = config["batch_size"], config["epochs"]
-    for epoch in range(len(history), epochs):
-        if should_stop(history, config["patience"]):
+    batch_size = settings.batch_size // workers
+    for epoch in range(len(history), settings.epochs):
+        # Rank 0 alone has the validation scores: it decides, every worker follows.
+        stop = rank == 0 and recipe.should_stop(history, settings.patience)
+        if ray.train.collective.broadcast_from_rank_zero(stop):
             break
-        optimizer.learning_rate.assign(cosine_learning_rate(config["learning_rate"], epoch, epochs))
+        optimizer.learning_rate.assign(recipe.learning_rate(settings, epoch))
         started = time.perf_counter()
-        rng = np.random.default_rng([config["seed"], rank, epoch]) if config["augment"] else None
+        rng = np.random.default_rng([settings.seed, rank, epoch]) if settings.augment else None
         loss_total, counts = 0.0, []
         for images, masks in _batches(train_shard, batch_size, 4 * batch_size, rng):
             loss_sum, batch_counts = distributed_step(images, masks)
@@ -180,75 +141,70 @@ def train_loop_per_worker(config: dict) -> None:
             counts.append(batch_counts.numpy())
         pipeline.inject_fault(f"train_rank{rank}", epoch + 1)
         counts = np.concatenate(counts)
-        dice, iou = _image_scores(counts)
+        dice, iou = recipe.image_scores(counts)
         row = {"epoch": epoch + 1, "loss": loss_total / len(counts), "dice": dice, "iou": iou}
         row["learning_rate"] = float(optimizer.learning_rate.numpy())
         checkpoint = None
         if rank == 0:
-            val_loss, val_counts = 0.0, []
+            val_loss, probabilities, truths = 0.0, [], []
             for images, masks in _batches(val_shard, batch_size):
                 probability = predict(images)
                 val_loss += float(tf.reduce_sum(bce_dice_loss(masks, probability)))
-                val_counts.append(overlap_counts(masks, probability).numpy())
-            if val_counts:
-                val_counts = np.concatenate(val_counts)
-                val_dice, val_iou = _image_scores(val_counts)
-                row |= {"val_loss": val_loss / len(val_counts), "val_dice": val_dice}
-                row |= {"val_iou": val_iou}
+                probabilities.append(probability.numpy()[..., 0])
+                truths.append(masks[..., 0])
+            if probabilities:
+                row["val_loss"] = val_loss / sum(len(p) for p in probabilities)
+                row["val_dice"], row["val_iou"] = recipe.score_validation(
+                    np.concatenate(probabilities), np.concatenate(truths)
+                )
             row["seconds"] = time.perf_counter() - started
-            # Without validation the last epoch counts as the best.
-            improved = "val_dice" not in row or row["val_dice"] > max(
-                (r["val_dice"] for r in history), default=-1.0
-            )
             history.append(row)
+            if recipe.best_epoch(history) == len(history):
+                best = to_bytes(model)
             folder = tempfile.mkdtemp()
-            model.save(os.path.join(folder, MODEL_FILE))
-            if improved:
-                with open(os.path.join(folder, MODEL_FILE), "rb") as f:
-                    best = f.read()
+            model.save(os.path.join(folder, CHECKPOINT_MODEL))
             with open(os.path.join(folder, BEST_FILE), "wb") as f:
                 f.write(best)
             with open(os.path.join(folder, STATE_FILE), "w") as f:
-                json.dump({"history": history, "config": config}, f)
+                json.dump({"history": history}, f)
             checkpoint = ray.train.Checkpoint.from_directory(folder)
+            if queue is not None:
+                queue.put(row)
         else:
             row["seconds"] = time.perf_counter() - started
             history.append(row)
         ray.train.report(row, checkpoint=checkpoint)
         if checkpoint is not None:
             shutil.rmtree(folder)
-        # Rank 0 alone has the validation scores: it decides, every worker follows.
-        history = ray.train.collective.broadcast_from_rank_zero(history)
 
 
-def _write_outputs(run: str, checkpoint: ray.train.Checkpoint, config: TrainConfig) -> tuple:
-    """Copy the final model and write metrics.csv, curves.png and config.json into the run."""
+def _read_checkpoint(checkpoint: ray.train.Checkpoint) -> tuple[bytes, list[dict]]:
+    """The kept model's bytes and the history in a run's last checkpoint."""
     with checkpoint.as_directory() as folder:
         with open(os.path.join(folder, BEST_FILE), "rb") as f:
-            model_bytes = f.read()
+            model = f.read()
         with open(os.path.join(folder, STATE_FILE)) as f:
             history = json.load(f)["history"]
-    text = io.StringIO()
-    writer = csv.DictWriter(text, fieldnames=COLUMNS, extrasaction="ignore")
-    writer.writeheader()
-    writer.writerows(history)
-    model_uri = storage.join(run, MODEL_FILE)
-    storage.write_bytes(model_uri, model_bytes, config.s3_endpoint)
-    storage.write_bytes(
-        storage.join(run, "metrics.csv"), text.getvalue().encode(), config.s3_endpoint
-    )
-    storage.write_bytes(
-        storage.join(run, "config.json"),
-        json.dumps(config.to_dict(), indent=2).encode(),
-        config.s3_endpoint,
-    )
-    storage.write_bytes(
-        storage.join(run, "curves.png"), report.curves_png(history), config.s3_endpoint
-    )
-    return model_uri, history
+    return model, history
 
 
-def run_training(config: TrainConfig) -> TrainResult:
+def _follow(queue, progress: Progress, done: threading.Event) -> None:
+    """Show each epoch row that rank 0 puts in ``queue`` until ``done`` (a driver thread)."""
+    from ray.util.queue import Empty
+
+    while not (done.is_set() and queue.empty()):
+        try:
+            row = queue.get(timeout=0.5)
+        except Empty:
+            continue
+        if "resumed" in row:
+            progress.advance(len(row["resumed"]))
+        else:
+            figures = {key: row.get(key) for key in ("loss", "dice", "val_dice")}
+            progress.advance(1, **figures)
+
+
+def run_training(config: TrainConfig, progress: Progress | None = None) -> TrainResult:
     """Preprocess the labelled cases on Ray Data, train on Ray Train, write the run folder.
 
     Every image under ``config.data`` gets a row in ``data.parquet``: ``ok`` (trained or
@@ -257,80 +213,57 @@ def run_training(config: TrainConfig) -> TrainResult:
     worker (Ray gives each worker an equal share) and, when the split has validation ids, one
     readable validation pair; with fewer it stops, naming the failed pairs. A worker that dies
     restarts the run from its last checkpoint, up to :data:`MAX_FAILURES` times; rerunning with
-    the same ``output`` resumes from the last checkpoint too.
+    the same ``output`` resumes from the last checkpoint too (the same run only:
+    :func:`lungseg.runfolder.claim_run`).
     """
+    progress = progress or Progress()
+    store = Store.for_job(config.s3_endpoint)
     nodes = sum(node["Alive"] for node in ray.nodes())
     storage.check_shared(config.output, nodes, config.allow_local_output)
-    storage.check_writable(config.output, config.s3_endpoint)
-    found = catalog.find_cases(config.data, config.masks, config.s3_endpoint)
-    print(f"catalog: {found.summary()}")
-    labelled = catalog.Catalog(found.labelled, ())
-    if config.split:
-        split = json.loads(storage.read_bytes(config.split, config.s3_endpoint))
-        parts = {name: labelled.select(split[name]) for name in ("train", "val")}
-    else:
-        ids = catalog.split_ids([c.id for c in labelled.cases], config.val_fraction)
-        parts = dict(zip(("train", "val"), map(labelled.select, ids), strict=True))
-    if not parts["train"]:
-        raise ValueError(f"no labelled images to train on under {config.data}")
+    if not os.path.dirname(store.resolve(config.output)[1]):
+        raise UserError(f"--output must be a folder inside a bucket: {config.output}")
+    found, parts, rows = read_data(config, store)
+    with claim_run(config, store, parts) as claim:
+        result = _train(config, store, found, parts, rows, progress)
+        claim.write_manifest(
+            state="complete", epochs=len(result.history), selected_epoch=result.best_epoch
+        )
+    return result
 
+
+def _train(
+    config: TrainConfig,
+    store: Store,
+    found: catalog.Catalog,
+    parts: dict[str, tuple[catalog.Case, ...]],
+    rows: list[dict],
+    progress: Progress,
+) -> TrainResult:
+    from ray.train.tensorflow import TensorflowTrainer
+    from ray.util.queue import Queue
+
+    fs, path = store.resolve(config.output)
     res = config.resources
     budget = pipeline.CpuBudget.for_cluster(
         config.workers, res.preprocess_actors, config.worker_cpus, res.actor_cpus
     )
-    datasets, rows = {}, []
+    datasets = {}
+    progress.start("read", sum(len(cases) for cases in parts.values()))
     for name, cases in parts.items():
         data = pipeline.preprocessed(
-            cases,
-            config.model.size,
-            res.preprocess_actors,
-            budget.actor,
-            config.s3_endpoint,
+            cases, config.recipe.model.size, res.preprocess_actors, budget.actor, store
         ).materialize()
-        for row in data.select_columns(["id", "source", "status", "error"]).take_all():
-            rows.append(row | {"split": name, "error": row["error"] or None})
-        datasets[name] = data.filter(lambda row: row["status"] == pipeline.OK).select_columns(
-            ["image", "mask"]
-        )
-        datasets[name].context.enable_progress_bars = False  # a bar per epoch's pass is noise
-    chosen = {case.id for cases in parts.values() for case in cases}
-    for case in found.cases:
-        if case.id not in chosen:
-            why = "not in the --split file" if case.masks else "no lung mask: not trained on"
-            rows.append(
-                {"id": case.id, "source": case.image, "status": pipeline.FLAGGED, "error": why}
-            )
-    table = storage.join(config.output, DATA_FILE)
-    failed: list[dict] = []
-    statuses = pipeline.write_table(
-        None,
-        table,
-        DATA_SCHEMA,
-        found.cases,
-        config.s3_endpoint,
-        on_table=lambda t: failed.extend(r for r in t.to_pylist() if r["status"] == pipeline.ERROR),
-        known=rows,
-    )
-    for row in failed:
-        print(f"skipped {row['id']} ({row['source']}): {row['error']}")
-    usable = Counter(row["split"] for row in rows if row["status"] == pipeline.OK)
-    if usable["train"] < config.workers or (parts["val"] and not usable["val"]):
-        named = "; ".join(f"{r['id']}: {r['error']}" for r in failed[:_FAILED_SHOWN])
-        more = ", ..." if len(failed) > _FAILED_SHOWN else ""
-        raise ValueError(
-            f"too few readable image/mask pairs: {usable['train']} to train on (at least "
-            f"{config.workers}, one per worker) and {usable['val']} to validate on (at least 1 "
-            f"when the split has validation ids); {len(failed)} failed: {named}{more} "
-            f"(every image is listed in {table})"
-        )
-    print(f"split: {usable['train']} train, {usable['val']} validation images")
+        read = data.select_columns(["id", "source", "status", "error"]).take_all()
+        rows.extend(row | {"split": name, "error": row["error"] or None} for row in read)
+        progress.advance(len(read), sum(row["status"] == ERROR for row in read))
+        datasets[name] = data.filter(expr=col("status") == OK).select_columns(["image", "mask"])
+    progress.finish()
+    data = write_data_table(config, store, found, rows, config.workers, bool(parts["val"]))
 
-    fs, path = storage.resolve(config.output, config.s3_endpoint)
-    if not os.path.dirname(path):
-        raise ValueError(f"--output must be a folder inside a bucket: {config.output}")
+    queue = Queue(actor_options={"num_cpus": 0})
     trainer = TensorflowTrainer(
         train_loop_per_worker,
-        train_loop_config=loop_config(config),
+        train_loop_config=loop_config(config, queue),
         scaling_config=ray.train.ScalingConfig(
             num_workers=config.workers,
             use_gpu=res.use_gpu,
@@ -346,15 +279,17 @@ def run_training(config: TrainConfig) -> TrainResult:
             failure_config=ray.train.FailureConfig(max_failures=MAX_FAILURES),
         ),
     )
-    result = trainer.fit()
-    model_uri, history = _write_outputs(config.output, result.checkpoint, config)
-    return TrainResult(
-        run=config.output,
-        model=model_uri,
-        metrics=history[-1],
-        history=history,
-        table=table,
-        images=len(found.cases),
-        flagged=statuses[pipeline.FLAGGED],
-        failed=statuses[pipeline.ERROR],
-    )
+    progress.start("train", config.recipe.epochs, "epochs")
+    done = threading.Event()
+    follower = threading.Thread(target=_follow, args=(queue, progress, done), daemon=True)
+    follower.start()
+    try:
+        result = trainer.fit()
+    finally:
+        done.set()
+        follower.join()
+        progress.finish()
+        queue.shutdown()
+    model, history = _read_checkpoint(result.checkpoint)
+    trainer = f"Ray Train, {config.workers} workers"
+    return finish_run(config, store, model, history, rows, trainer, data)

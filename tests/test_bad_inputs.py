@@ -16,12 +16,14 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from lungseg import catalog, imaging, segment
+from lungseg import catalog, imaging, layout
 from lungseg.catalog import CatalogError, output_name
 from lungseg.clean import run_cleaning
-from lungseg.config import CleanConfig, ModelConfig, TrainConfig
+from lungseg.config import CleanConfig, ModelConfig, RecipeConfig, TrainConfig
+from lungseg.errors import UserError
 from lungseg.evaluate import run_evaluation
-from lungseg.train import DATA_SCHEMA, run_training
+from lungseg.runfolder import DATA_SCHEMA
+from lungseg.train import run_training
 from tests.conftest import SAMPLE_IDS, copy_sample, labelled_config
 from tests.test_dicom import dicom_bytes
 
@@ -104,7 +106,8 @@ def _expected(root: Path) -> dict[str, tuple[str, str | None]]:
     too_big = "image of 20000x20000 pixels is larger than the limit of 100,000,000 pixels"
     mismatch = f"mask 512x512 differs from image 200x300: {root / 'masks' / 'mismatch.png'}"
     return {
-        **dict.fromkeys([*GOOD, "rgba", "deep16", "jpeg", "tiny", *HOSTILE], ("ok", None)),
+        **dict.fromkeys([*GOOD, "rgba", "deep16", "jpeg", *HOSTILE], ("ok", None)),
+        "tiny": ("flagged", "no lung found"),  # a 1x1 film: its mask is no pair of lungs
         "zero": decode_error("zero.png", "empty file (0 bytes)"),
         "text": decode_error("text.png", "not a PNG, JPEG or DICOM image ({size} bytes)"),
         "stub": decode_error("stub.png", "PNG without a readable size header ({size} bytes)"),
@@ -114,7 +117,7 @@ def _expected(root: Path) -> dict[str, tuple[str, str | None]]:
         "hugejpeg": decode_error("hugejpeg.jpg", too_big),
         "hugedicom": decode_error("hugedicom.dcm", too_big),
         "mismatch": ("error", f"ValueError: {mismatch}"),
-        "nomask": ("flagged", segment.NO_TRUTH),
+        "nomask": ("flagged", layout.NO_TRUTH),
     }
 
 
@@ -155,7 +158,7 @@ def test_evaluate_gives_every_bad_input_one_specific_row(bad_root, model_path, t
     out = tmp_path / "out"
     config = labelled_config(bad_root, out, model=model_path, batch_size=4, overlays=True)
     summary = run_evaluation(config)
-    rows = pq.read_table(out / segment.TABLE_FILE).to_pylist()
+    rows = pq.read_table(out / layout.SEGMENT_TABLE).to_pylist()
     expected = _expected(bad_root)
     assert sorted(r["id"] for r in rows) == sorted(expected)  # one row per input, no duplicates
     assert {r["id"]: (r["status"], r["error"]) for r in rows} == expected
@@ -207,10 +210,10 @@ def test_training_refuses_too_few_readable_pairs_naming_them(bad_root, tmp_path)
         output=str(run),
         workers=2,
         split=str(split),
-        model=ModelConfig(size=64, base_filters=4, depth=2),
+        recipe=RecipeConfig(model=ModelConfig(size=64, base_filters=4, depth=2)),
     )
     expected = _expected(bad_root)
-    with pytest.raises(ValueError) as refused:
+    with pytest.raises(UserError) as refused:
         run_training(config)
     message = str(refused.value)
     assert message.startswith(

@@ -92,10 +92,10 @@ def test_savedmodel_export_serves_like_the_keras_model(tmp_path):
     import tensorflow as tf
 
     from lungseg.export import export_saved_model
-    from lungseg.segment import load_model
+    from lungseg.model import load_model
 
     export_saved_model(BUNDLED_MODEL, str(tmp_path / "saved"))
     served = tf.saved_model.load(str(tmp_path / "saved"))
     batch = np.random.default_rng(0).integers(0, 256, (2, 256, 256, 1)).astype("float32")
-    expected = load_model(BUNDLED_MODEL)(batch, training=False)
+    expected = load_model(Path(BUNDLED_MODEL).read_bytes())(batch, training=False)
     np.testing.assert_allclose(served.serve(batch).numpy(), np.asarray(expected), atol=1e-5)

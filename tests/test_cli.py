@@ -1,4 +1,5 @@
-"""The thin jobs/*.py entry points and the lungseg console script share one parser."""
+"""The console script: one parser for lungseg and jobs/*.py, defaults from the config
+dataclasses, a user's mistake in one line with exit status 2, documented exit statuses."""
 
 from __future__ import annotations
 
@@ -10,9 +11,18 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from lungseg.cli import build_parser
+from lungseg.cli import EXIT_IMAGES_FAILED, EXIT_USAGE, _config, build_parser, main
+from lungseg.config import (
+    BenchmarkConfig,
+    CleanConfig,
+    ReportConfig,
+    SegmentConfig,
+    TrainConfig,
+)
+from tests.conftest import SAMPLE_IDS, copy_sample
 
 REPO = Path(__file__).resolve().parents[1]
+LOCAL = {**os.environ, "RAY_ADDRESS": "local"}  # its own Ray, not a cluster found running
 
 
 def _help(*command: str) -> str:
@@ -33,33 +43,123 @@ def test_job_help_is_the_cli_help(job):
             assert flag in job_help
 
 
+@pytest.mark.parametrize(
+    ("job", "default"),
+    [
+        ("train", TrainConfig()),
+        ("segment", SegmentConfig(masks=SegmentConfig().input.replace("images", "masks"))),
+        ("clean", CleanConfig()),
+        ("report", ReportConfig()),
+        ("benchmark", BenchmarkConfig()),
+    ],
+)
+def test_cli_defaults_are_the_config_dataclasses_defaults(job, default):
+    assert _config(build_parser().parse_args([job])) == default
+
+
+def _run(*argv: str, timeout: int = 240) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "lungseg", *argv],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=timeout,
+        env=LOCAL,
+    )
+
+
+def _one_line_error(done: subprocess.CompletedProcess, job: str, *expected: str) -> None:
+    """Exit status 2 and, on stderr, the one line ``lungseg <job>: error: ...``."""
+    assert done.returncode == EXIT_USAGE, done.stderr[-3000:]
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    assert lines[0].startswith(f"lungseg {job}: error: ")
+    for text in expected:
+        assert text in lines[0]
+    assert "Traceback" not in done.stderr + done.stdout
+
+
 @pytest.mark.timeout(300)
-def test_segment_job_runs_on_bundled_sample(tmp_path, model_path):
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["segment", "--input", "no/such/folder"], ["images root not found: no/such/folder"]),
+        (["clean", "--input", "no/such/folder"], ["images root not found: no/such/folder"]),
+        (["train", "--data", "no/such/folder"], ["images root not found: no/such/folder"]),
+        (["train", "--epochs", "0"], ["--epochs must be at least 1, got 0"]),
+        (["train", "--batch-size", "3"], ["--batch-size 3 must split evenly among the 2 workers"]),
+        (["segment", "--threshold", "1.5"], ["--threshold must be in (0, 1), got 1.5"]),
+        (["segment", "--model", "no/such.keras"], ["no/such.keras"]),
+        (["clean", "--blur-kernel", "4"], ["--blur-kernel must be odd"]),
+        (["segment", "--no-such-option"], ["unrecognized arguments: --no-such-option"]),
+        (["train", "--epochs", "many"], ["argument --epochs: invalid int value: 'many'"]),
+        (["report", "no/such/output"], ["segmentation.parquet"]),
+        (["evaluate", "--split", "no/such/split.json"], ["no/such/split.json"]),
+    ],
+)
+def test_a_user_mistake_is_one_line_and_status_2(argv, expected):
+    _one_line_error(_run(*argv), argv[0], *expected)
+
+
+@pytest.mark.timeout(120)
+def test_an_unknown_bucket_is_one_line_and_status_2(s3_endpoint):
+    done = subprocess.run(
+        [sys.executable, "-m", "lungseg", "segment", "--input", "s3://no-such-bucket/x"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=110,
+        env={**LOCAL, "AWS_ENDPOINT_URL": s3_endpoint},
+    )
+    _one_line_error(done, "segment", "s3://no-such-bucket/x: the bucket does not exist")
+
+
+@pytest.mark.parametrize("job", ["segment", "train", "clean", "report", "export"])
+@pytest.mark.parametrize(
+    "endpoint", ["http://AKIAKEY:top-secret@minio:9000", "AKIAKEY:top-secret@minio:9000"]
+)
+def test_s3_endpoint_with_credentials_is_refused_without_echoing_them(job, endpoint, capsys):
+    argv = [job, "--s3-endpoint", endpoint]
+    if job == "export":
+        argv += ["--output", "out"]
+    assert main(argv) == EXIT_USAGE
+    captured = capsys.readouterr()
+    assert "must not hold credentials" in captured.err
+    assert "top-secret" not in captured.err + captured.out
+    assert "AKIAKEY" not in captured.err + captured.out
+
+
+@pytest.mark.parametrize("endpoint", ["minio:9000", "ftp://minio:9000", "http://"])
+def test_s3_endpoint_must_be_an_http_url(endpoint, capsys):
+    assert main(["segment", "--s3-endpoint", endpoint]) == EXIT_USAGE
+    assert "must be an http:// or https:// URL" in capsys.readouterr().err
+
+
+@pytest.mark.timeout(300)
+def test_segment_job_runs_on_bundled_sample_and_says_little(tmp_path, model_path):
     done = subprocess.run(
         [sys.executable, "jobs/segment.py", "--model", model_path, "--output", str(tmp_path / "o")],
         capture_output=True,
         text=True,
         cwd=REPO,
         timeout=280,
-        env={**os.environ, "RAY_ADDRESS": "local"},  # its own Ray, not a cluster found running
+        env=LOCAL,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "segmented 16 images (0 flagged, 0 failed)" in done.stdout
     assert pq.read_table(tmp_path / "o" / "segmentation.parquet").num_rows == 16
-
-
-def test_clean_defaults_to_the_packaged_sample():
-    from lungseg.cli import _config
-    from lungseg.config import SAMPLE, CleanConfig
-
-    config = _config(build_parser().parse_args(["clean"]))
-    assert config == CleanConfig(input=f"{SAMPLE}/images")
+    # Not a terminal: progress as plain lines, no carriage returns; Ray and TensorFlow quiet.
+    output = done.stdout + done.stderr
+    assert "\r" not in output
+    assert "segment: 16/16 images" in done.stdout
+    lines = output.strip().splitlines()
+    assert len(lines) <= 16, output
+    for chatter in ("Starting execution", "absl::InitializeLog", "cuInit", "Ray instance"):
+        assert chatter not in output
 
 
 @pytest.mark.timeout(200)
-def test_clean_job_exits_1_when_an_image_fails(tmp_path):
-    from tests.conftest import SAMPLE_IDS, copy_sample
-
+def test_clean_job_exits_3_when_an_image_fails(tmp_path):
     root = copy_sample(tmp_path / "data", SAMPLE_IDS[:2], masks=False)
     (root / "images" / "broken.png").write_bytes(b"not a PNG")
     done = subprocess.run(
@@ -68,20 +168,15 @@ def test_clean_job_exits_1_when_an_image_fails(tmp_path):
         text=True,
         cwd=REPO,
         timeout=180,
-        env={**os.environ, "RAY_ADDRESS": "local"},  # its own Ray, not a cluster found running
+        env=LOCAL,
     )
-    assert done.returncode == 1, done.stderr[-3000:]
+    assert done.returncode == EXIT_IMAGES_FAILED, done.stderr[-3000:]
     assert "cleaned 3 images (0 flagged, 1 failed)" in done.stdout
     assert pq.read_table(tmp_path / "o" / "cleaning.parquet").num_rows == 3
 
 
-@pytest.mark.parametrize("job", ["segment", "train", "clean", "report", "export"])
-def test_s3_endpoint_with_credentials_is_refused_without_echoing_them(job, capsys):
-    argv = [job, "--s3-endpoint", "http://AKIAKEY:top-secret@minio:9000"]
-    if job == "export":
-        argv += ["--output", "out"]
-    with pytest.raises(SystemExit):
-        build_parser().parse_args(argv)
-    err = capsys.readouterr().err
-    assert "must not hold credentials" in err
-    assert "top-secret" not in err and "AKIAKEY" not in err
+def test_quiet_and_verbose_exclude_each_other(capsys):
+    with pytest.raises(SystemExit) as exited:
+        build_parser().parse_args(["segment", "-q", "-v"])
+    assert exited.value.code == EXIT_USAGE
+    assert "not allowed with argument" in capsys.readouterr().err

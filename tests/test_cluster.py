@@ -33,6 +33,8 @@ import yaml
 
 from lungseg import storage
 from lungseg.cli import build_parser
+from lungseg.errors import UserError
+from lungseg.storage import Store
 from tests.conftest import SAMPLE_IDS, free_port, upload_sample
 
 REPO = Path(__file__).resolve().parents[1]
@@ -137,7 +139,7 @@ def test_dockerfile_builds_on_the_ray_gpu_image():
 
 
 def test_a_local_run_folder_is_refused_on_a_multi_node_cluster():
-    with pytest.raises(ValueError, match=r"runs/x is a local path, but this Ray cluster has 2"):
+    with pytest.raises(UserError, match=r"runs/x is a local path, but this Ray cluster has 2"):
         storage.check_shared("runs/x", nodes=2)
     storage.check_shared("runs/x", nodes=1)
     storage.check_shared("s3://runs/x", nodes=2)
@@ -358,7 +360,7 @@ def test_jobs_on_a_two_node_cluster(cluster, s3, s3_endpoint):
     )
     assert done.returncode == 0, done.stdout[-5000:] + done.stderr[-2000:]
     assert "segmented 8 images (0 flagged, 0 failed)" in done.stdout
-    fs, path = storage.resolve("s3://cluster-runs/segment/exp1/segmentation.parquet", s3_endpoint)
+    fs, path = Store(s3_endpoint).resolve("s3://cluster-runs/segment/exp1/segmentation.parquet")
     rows = pq.read_table(path, filesystem=fs).to_pylist()
     assert sorted(r["id"] for r in rows) == SAMPLE_IDS[:8]
     assert all(r["status"] == "ok" and r["mask"].startswith("s3://cluster-runs/") for r in rows)

@@ -30,9 +30,11 @@ from pydicom.uid import (
     RLELossless,
 )
 
-from lungseg import catalog, imaging, pipeline
+from lungseg import catalog, imaging
 from lungseg.config import SAMPLE, SegmentConfig
-from lungseg.segment import NO_TRUTH, SCHEMA, run_segmentation
+from lungseg.layout import NO_TRUTH, OK
+from lungseg.preprocess import Preprocess, case_records
+from lungseg.segment import SCHEMA, run_segmentation
 from tests.conftest import SAMPLE_IDS
 
 
@@ -269,10 +271,10 @@ def test_model_input_identical_for_png_16_bit_png_and_dicom(tmp_path: Path) -> N
             path = tmp_path / f"{case_id}_{variant}"
             path.write_bytes(encode(picture))
             cases.append(catalog.Case(path.name, str(path)))
-        records += pipeline.case_records(cases)
-    preprocess = pipeline.Preprocess(size=256)
+        records += case_records(cases)
+    preprocess = Preprocess(size=256)
     out = preprocess({key: [r[key] for r in records] for key in records[0]})
-    assert set(out["status"]) == {pipeline.OK}
+    assert set(out["status"]) == {OK}
     images = dict(zip(out["id"], out["image"], strict=True))
     for case_id in SAMPLE_IDS:
         for variant in VARIANTS:

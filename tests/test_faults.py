@@ -23,10 +23,13 @@ import pyarrow.parquet as pq
 import pytest
 import ray
 
-from lungseg import pipeline, segment
+from lungseg import pipeline
 from lungseg.catalog import Case
-from lungseg.config import ModelConfig, TrainConfig
-from lungseg.segment import run_segmentation
+from lungseg.config import ModelConfig, RecipeConfig, TrainConfig
+from lungseg.layout import LOST, SEGMENT_TABLE
+from lungseg.segment import SCHEMA, run_segmentation
+from lungseg.storage import DEFAULT_STORE
+from lungseg.table import JOURNAL_SUFFIX, write_table
 from lungseg.train import run_training
 from tests.conftest import SAMPLE_IDS, copy_sample, labelled_config
 
@@ -68,7 +71,7 @@ def test_segmenting_actor_killed_mid_run_gives_complete_duplicate_free_table(
     out = tmp_path / "out"
     result = run_segmentation(labelled_config(root, out, model=model_path, batch_size=2))
     assert (faults / "segmenter").exists(), "the segmenting actor did not die"
-    rows = _rows(out / segment.TABLE_FILE)
+    rows = _rows(out / SEGMENT_TABLE)
     assert [row["id"] for row in rows] == SAMPLE_IDS[:6]
     assert all(row["status"] == "ok" and 0 <= row["dice"] <= 1 for row in rows)
     assert (result.images, result.flagged, result.failed) == (6, 0, 0)
@@ -88,10 +91,10 @@ def test_train_worker_killed_mid_epoch_finishes_from_the_checkpoint(faults, tmp_
             data=str(data),
             output=str(run),
             workers=2,
-            epochs=2,
-            batch_size=1,
             split=str(split),
-            model=ModelConfig(size=64, base_filters=4, depth=2),
+            recipe=RecipeConfig(
+                epochs=2, batch_size=2, model=ModelConfig(size=64, base_filters=4, depth=2)
+            ),
         )
     )
     died = (faults / "train_rank1").stat().st_mtime
@@ -128,7 +131,7 @@ def test_killed_driver_then_resume_gives_the_uninterrupted_table(faults, model_p
     config = labelled_config(root, out, model=model_path, batch_size=2, overlays=True)
     whole = run_segmentation(config)
     assert (whole.images, whole.failed) == (16, 0)
-    uninterrupted = _rows(out / segment.TABLE_FILE)
+    uninterrupted = _rows(out / SEGMENT_TABLE)
     shutil.rmtree(out)
 
     args = [f"--model={model_path}", f"--input={root / 'images'}", f"--masks={root / 'masks'}"]
@@ -148,23 +151,23 @@ def test_killed_driver_then_resume_gives_the_uninterrupted_table(faults, model_p
         text=True,
         start_new_session=True,  # a process group: the driver and the Ray it starts
     )
-    journal = out / f"{segment.TABLE_FILE}{pipeline.JOURNAL_SUFFIX}"
+    journal = out / f"{SEGMENT_TABLE}{JOURNAL_SUFFIX}"
     while not list(journal.glob("part-*.parquet")) and job.poll() is None:
         time.sleep(0.02)
     os.killpg(job.pid, signal.SIGKILL)  # the driver and its local Ray, as a lost head node
     stdout, _ = job.communicate(timeout=60)
     assert job.returncode == -signal.SIGKILL, stdout[-3000:]
-    assert not (out / segment.TABLE_FILE).exists() and list((out / "masks").iterdir())
+    assert not (out / SEGMENT_TABLE).exists() and list((out / "masks").iterdir())
 
     resumed = run_segmentation(replace(config, resume=True))  # what --resume asks for
     assert 1 <= resumed.resumed < 16 and (resumed.images, resumed.failed) == (16, 0)
-    assert _rows(out / segment.TABLE_FILE) == uninterrupted
+    assert _rows(out / SEGMENT_TABLE) == uninterrupted
     assert not journal.exists()
 
     (out / "masks" / f"{SAMPLE_IDS[3]}.png").unlink()  # a row without its mask is done again
     again = run_segmentation(replace(config, resume=True))
     assert (again.resumed, again.images, again.failed) == (15, 16, 0)
-    assert _rows(out / segment.TABLE_FILE) == uninterrupted
+    assert _rows(out / SEGMENT_TABLE) == uninterrupted
 
 
 def test_resume_flag_reaches_the_config():
@@ -176,13 +179,15 @@ def test_resume_flag_reaches_the_config():
 
 
 def test_write_table_keeps_the_first_row_of_a_repeated_id(faults, tmp_path):
-    schema = segment.SCHEMA
+    schema = SCHEMA
     cases = [Case("a", "/in/a.png"), Case("b", "/in/b.png")]
     first = dict.fromkeys(schema.names) | {"id": "a", "source": "/in/a.png", "status": "ok"}
     again = first | {"mask": "/out/masks/a.png"}
     other = first | {"id": "b", "source": "/in/b.png"}
     rows = ray.data.from_items([first, again, other, again], override_num_blocks=1)
-    statuses = pipeline.write_table(rows, str(tmp_path / "t.parquet"), schema, cases)
+    statuses = write_table(
+        pipeline.row_batches(rows), str(tmp_path / "t.parquet"), schema, cases, DEFAULT_STORE
+    )
     assert statuses == {"ok": 2}
     assert pq.read_table(tmp_path / "t.parquet").to_pylist() == [first, other]
 
@@ -205,14 +210,16 @@ def test_a_batch_that_fails_for_good_gives_its_cases_error_rows(faults, tmp_path
         }
 
     rows = pipeline.case_dataset(cases, batch_size=1).map_batches(fail_on_b, batch_size=1)
-    statuses = pipeline.write_table(rows, str(tmp_path / "t.parquet"), schema, cases)
+    statuses = write_table(
+        pipeline.row_batches(rows), str(tmp_path / "t.parquet"), schema, cases, DEFAULT_STORE
+    )
     assert statuses == {"ok": 2, "error": 1}
     table = {r["id"]: r for r in pq.read_table(tmp_path / "t.parquet").to_pylist()}
     assert table["b"] == {
         "id": "b",
         "source": "/in/b.png",
         "status": "error",
-        "error": pipeline.LOST,
+        "error": LOST,
     }
     assert table["a"]["status"] == table["c"]["status"] == "ok"
     assert not (tmp_path / "t.parquet.parts").exists()

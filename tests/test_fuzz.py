@@ -1,7 +1,7 @@
 """Property-based tests (hypothesis) of the decoder path: random images, then broken bytes.
 
 Whatever the bytes, :func:`lungseg.imaging.load_image_with_info` returns a 2-D ``uint8`` image
-or raises :class:`lungseg.imaging.ImageDecodeError`, and :class:`lungseg.pipeline.Preprocess`
+or raises :class:`lungseg.imaging.ImageDecodeError`, and :class:`lungseg.preprocess.Preprocess`
 (called here in-process, as its Ray actor would) gives exactly one row per input, ``ok`` or
 ``error`` with a specific reason.
 """
@@ -18,8 +18,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from lungseg import imaging, pipeline
+from lungseg import imaging
 from lungseg.catalog import Case
+from lungseg.layout import ERROR, OK
+from lungseg.preprocess import Preprocess, case_records
 from tests.test_dicom import dicom_bytes
 
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -103,12 +105,12 @@ def test_preprocess_gives_exactly_one_row_per_input(folder, inputs):
             (folder / f"{n}_mask.png").write_bytes(data)
         truth = (str(folder / f"{n}_mask.png"),) if with_truth else ()
         cases.append(Case(str(n), str(folder / f"{n}.png"), truth))
-    records = pipeline.case_records(cases)
+    records = case_records(cases)
     batch = {key: [record[key] for record in records] for key in records[0]}
-    out = pipeline.Preprocess(size=16, display=32)(batch)
+    out = Preprocess(size=16, display=32)(batch)
     assert list(out["id"]) == [c.id for c in cases]
     assert {len(column) for column in out.values()} == {len(cases)}
     for status, error in zip(out["status"], out["error"], strict=True):
-        assert status in (pipeline.OK, pipeline.ERROR)
-        assert (status == pipeline.OK) == (error == "")
+        assert status in (OK, ERROR)
+        assert (status == OK) == (error == "")
         assert error == "" or error.startswith(("ImageDecodeError: ", "ValueError: mask"))

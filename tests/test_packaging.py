@@ -5,9 +5,10 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
-import tomllib
 from importlib.metadata import metadata, version
 from pathlib import Path
+
+import tomllib
 
 import lungseg
 

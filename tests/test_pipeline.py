@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from lungseg import catalog, pipeline
+from lungseg.layout import ERROR, OK
 from tests.conftest import SAMPLE_IDS, copy_sample
 
 pytestmark = [pytest.mark.usefixtures("local_ray"), pytest.mark.timeout(180)]
@@ -36,14 +37,14 @@ def test_preprocess_sample_and_bad_files(tmp_path):
     assert sorted(rows) == sorted([*SAMPLE_IDS[:3], "broken", "empty", "odd"])
     for case_id in SAMPLE_IDS[:3]:
         row = rows[case_id]
-        assert row["status"] == pipeline.OK and row["error"] == ""
+        assert row["status"] == OK and row["error"] == ""
         assert row["image"].shape == (64, 64) and row["image"].dtype == np.uint8
         assert row["image"].min() == 0 and row["image"].max() > 200
         assert set(np.unique(row["mask"])) == {0, 1}
         assert (row["height"], row["width"]) == (512, 512)
         assert row["has_truth"]
-    assert rows["broken"]["status"] == pipeline.ERROR
+    assert rows["broken"]["status"] == ERROR
     assert "ImageDecodeError" in rows["broken"]["error"] and "broken.png" in rows["broken"]["error"]
     assert "empty file" in rows["empty"]["error"]
-    assert rows["odd"]["status"] == pipeline.ERROR
+    assert rows["odd"]["status"] == ERROR
     assert "mask 512x512 differs from image 200x300" in rows["odd"]["error"]

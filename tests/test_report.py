@@ -16,9 +16,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from lungseg import imaging, report
+from lungseg import draw, imaging, report
 from lungseg.config import ReportConfig
-from lungseg.report import (
+from lungseg.draw import (
     ALPHAS,
     CAPTION_HEIGHT,
     FN_COLOUR,
@@ -69,7 +69,7 @@ def _has(picture: np.ndarray, colour: tuple[int, int, int]) -> bool:
 
 def test_overlay_colours_agreement_where_the_masks_say():
     image, truth, prediction = _synthetic()
-    picture = report.overlay(image, prediction, truth)
+    picture = draw.overlay(image, prediction, truth)
     assert picture.shape == (200, 300, 3) and picture.dtype == np.uint8
     assert picture[60, 130].tolist() == _tinted(100, TP_COLOUR)  # both
     assert picture[60, 190].tolist() == _tinted(100, FP_COLOUR)  # predicted only
@@ -92,7 +92,7 @@ def test_overlay_colours_agreement_where_the_masks_say():
 
 def test_overlay_without_truth_is_the_xray_and_the_outline():
     image, _, prediction = _synthetic()
-    picture = report.overlay(image, prediction, None)
+    picture = draw.overlay(image, prediction, None)
     inside, outside = picture[30:90, 110:210], picture[:110, 230:]
     assert (inside == 100).all() and (outside == 100).all()
     assert picture[20, 150].tolist() == list(OUTLINE_COLOUR)
@@ -103,37 +103,37 @@ def test_overlay_without_truth_is_the_xray_and_the_outline():
 
 def test_four_panel_is_input_truth_prediction_overlap():
     image, truth, prediction = _synthetic()
-    panel = report.four_panel(image, truth, prediction)
+    panel = draw.four_panel(image, truth, prediction)
     assert panel.shape == (CAPTION_HEIGHT + 200, 4 * 300 + 3 * GAP, 3)
     tiles = [panel[CAPTION_HEIGHT:, k * (300 + GAP) : k * (300 + GAP) + 300] for k in range(4)]
     assert (tiles[0] == 100).all()
     np.testing.assert_array_equal(tiles[1][..., 0], truth * 255)
     np.testing.assert_array_equal(tiles[2][..., 0], prediction * 255)
-    np.testing.assert_array_equal(tiles[3], report.overlay(image, prediction, truth))
+    np.testing.assert_array_equal(tiles[3], draw.overlay(image, prediction, truth))
     captions = panel[:CAPTION_HEIGHT, :300]
     assert (captions == 255).any() and (captions[:, :, 0] == 0).mean() > 0.8
 
 
 def test_contact_sheet_grid_sizes_and_modes():
     gray = [(f"g{k}", [np.full((32, 40), k * 20, np.uint8)] * 2) for k in range(5)]
-    sheet = report.contact_sheet(gray, columns=3)
+    sheet = draw.contact_sheet(gray, columns=3)
     assert sheet.shape == (2 * (CAPTION_HEIGHT + 32) + GAP, 3 * 80 + 2 * GAP)
     assert (sheet[CAPTION_HEIGHT + 32 + GAP + CAPTION_HEIGHT, 80 + GAP + 40] == 80).all()
     red = np.zeros((32, 40, 3), np.uint8)
     red[..., 2] = 255
-    mixed = report.contact_sheet([("c", [red])], 3)
+    mixed = draw.contact_sheet([("c", [red])], 3)
     assert mixed.shape == (CAPTION_HEIGHT + 32, 40, 3)
     assert mixed[CAPTION_HEIGHT + 5, 5].tolist() == [0, 0, 255]
 
 
 def test_downscale_and_fit_keep_the_aspect_ratio():
     tall = np.zeros((1000, 600), np.uint8)
-    assert report.downscale(tall).shape == (512, 307)
+    assert draw.downscale(tall).shape == (512, 307)
     small = np.zeros((300, 400), np.uint8)
-    assert report.downscale(small) is small
-    tile = report.fit(np.full((100, 50, 3), 255, np.uint8), 256)
+    assert draw.downscale(small) is small
+    tile = draw.fit(np.full((100, 50, 3), 255, np.uint8), 256)
     assert tile.shape == (256, 256, 3)
-    assert (tile[:, 64:192] == 255).all() and (tile[:, :64] == report.SHEET_BACKGROUND).all()
+    assert (tile[:, 64:192] == 255).all() and (tile[:, :64] == draw.SHEET_BACKGROUND).all()
 
 
 def _colour_columns(png: bytes, rgb: tuple[int, int, int]) -> np.ndarray:
@@ -149,7 +149,7 @@ def test_curves_png_shows_loss_dice_and_iou_for_training_and_validation():
         | {"val_loss": 1.2 / e, "val_dice": 0.8 - 0.5 / e, "val_iou": 0.4 + e / 20}
         for e in (1, 2, 3)
     ]
-    png = report.curves_png(history)
+    png = draw.curves_png(history)
     assert imaging.decode(png).shape[:2] == (400, 1500)
     for rgb in ((31, 119, 180), (255, 127, 14)):  # matplotlib's first two colours
         columns = _colour_columns(png, rgb)
@@ -157,7 +157,7 @@ def test_curves_png_shows_loss_dice_and_iou_for_training_and_validation():
 
 
 def test_histogram_png():
-    png = report.histogram_png([0.2, 0.9, 0.91, 0.95], "Dice")
+    png = draw.histogram_png([0.2, 0.9, 0.91, 0.95], "Dice")
     assert imaging.decode(png).shape[:2] == (350, 700)
     assert len(_colour_columns(png, (0x48, 0x78, 0xA8))) > 20  # the bars
 
@@ -207,14 +207,14 @@ def test_segment_overlays_are_drawn_where_the_masks_are(segmented):
         written = cv2.imread(row["overlay"], cv2.IMREAD_UNCHANGED)
         assert written.shape == (*size, 3)
         # The same picture again from the source, the written mask and the truth file.
-        display = report.downscale(imaging.load_image(Path(row["source"]).read_bytes()))
+        display = draw.downscale(imaging.load_image(Path(row["source"]).read_bytes()))
         mask = imaging.binarise(cv2.imread(row["mask"], cv2.IMREAD_UNCHANGED))
         truth_file = segmented / "masks" / f"{case_id}.png"
         truth = None
         if truth_file.exists():
             truth = imaging.binarise(cv2.imread(str(truth_file), cv2.IMREAD_UNCHANGED))
             truth = imaging.resize_mask(truth, *size)
-        expected = report.overlay(display, imaging.resize_mask(mask, *size), truth)
+        expected = draw.overlay(display, imaging.resize_mask(mask, *size), truth)
         np.testing.assert_array_equal(written, expected)
 
 
@@ -303,7 +303,7 @@ def test_report_job_writes_a_page_chromium_renders_and_sorts(segmented, tmp_path
     rows = pq.read_table(out / "segmentation.parquet").to_pylist()
     scored = sorted((r for r in rows if r["dice"] is not None), key=lambda r: (r["dice"], r["id"]))
     overlay = cv2.imread(scored[0]["overlay"])
-    np.testing.assert_array_equal(worst[CAPTION_HEIGHT:, :256], report.fit(overlay, 256))
+    np.testing.assert_array_equal(worst[CAPTION_HEIGHT:, :256], draw.fit(overlay, 256))
 
     page = (out / "report.html").as_uri()
     shown = _table(chromium, page, tmp_path)
@@ -323,7 +323,9 @@ def test_report_job_writes_a_page_chromium_renders_and_sorts(segmented, tmp_path
     assert [c[1] for c in by_dice.rows[4:]] == ["", ""]  # no Dice: last either way
     assert by_dice.sorted == {"dice": "descending"}
 
-    _chromium(chromium, page, tmp_path, f"--screenshot={tmp_path / 'shot.png'}", "--window-size=1280,2000")
+    _chromium(
+        chromium, page, tmp_path, f"--screenshot={tmp_path / 'shot.png'}", "--window-size=1280,2000"
+    )
     shot = cv2.imread(str(tmp_path / "shot.png"))
     assert shot.shape == (2000, 1280, 3)
     bottom = 0
@@ -360,9 +362,9 @@ def test_report_without_overlays_or_truth_draws_from_sources(segmented, tmp_path
     assert "The smallest lung fractions" in page and "report/curves.png" not in page
     rows = [r for r in table.to_pylist() if r["lung_fraction"] is not None]
     smallest = min(rows, key=lambda r: (r["lung_fraction"], r["id"]))
-    image = report.downscale(imaging.load_image(Path(smallest["source"]).read_bytes()))
+    image = draw.downscale(imaging.load_image(Path(smallest["source"]).read_bytes()))
     mask = imaging.binarise(cv2.imread(smallest["mask"], cv2.IMREAD_UNCHANGED))
-    expected = report.fit(report.overlay(image, imaging.resize_mask(mask, *image.shape), None), 256)
+    expected = draw.fit(draw.overlay(image, imaging.resize_mask(mask, *image.shape), None), 256)
     worst = cv2.imread(str(out / "report" / "worst.png"))
     np.testing.assert_array_equal(worst[CAPTION_HEIGHT:], expected)
 

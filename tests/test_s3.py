@@ -14,8 +14,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from lungseg import catalog, pipeline, storage
-from lungseg.config import ModelConfig, TrainConfig
+from lungseg.config import ModelConfig, RecipeConfig, TrainConfig
 from lungseg.segment import run_segmentation
+from lungseg.storage import Store
 from lungseg.train import run_training
 from tests.conftest import S3_SECRET, SAMPLE_IDS, free_port, labelled_config, upload_sample
 
@@ -23,7 +24,7 @@ pytestmark = [pytest.mark.usefixtures("s3_endpoint", "local_ray"), pytest.mark.t
 
 
 def _fs(endpoint: str) -> pafs.S3FileSystem:
-    return storage.resolve("s3://any", endpoint)[0]
+    return Store(endpoint).resolve("s3://any")[0]
 
 
 def test_train_from_bucket_into_bucket_then_resume(s3, s3_endpoint):
@@ -33,10 +34,8 @@ def test_train_from_bucket_into_bucket_then_resume(s3, s3_endpoint):
         data=data,
         output="s3://runs/unet/exp1",
         workers=2,
-        epochs=1,
-        batch_size=2,
         val_fraction=0.25,
-        model=ModelConfig(size=64, base_filters=4, depth=2),
+        recipe=RecipeConfig(epochs=1, batch_size=2, model=ModelConfig(64, 4, 2)),
         s3_endpoint=s3_endpoint,
     )
     first = run_training(config)
@@ -48,7 +47,7 @@ def test_train_from_bucket_into_bucket_then_resume(s3, s3_endpoint):
     saved = s3.get_object(Bucket="runs", Key="unet/exp1/config.json")["Body"].read().decode()
     assert json.loads(saved)["data"] == data and S3_SECRET not in saved
 
-    resumed = run_training(TrainConfig(**{**config.__dict__, "epochs": 2}))
+    resumed = run_training(replace(config, recipe=replace(config.recipe, epochs=2)))
     assert [row["epoch"] for row in resumed.history] == [1, 2]
     assert resumed.history[0] == first.history[0]
 
@@ -98,9 +97,9 @@ def test_segment_bucket_prefix_into_another_bucket(s3, s3_endpoint, tmp_path):
 
 def test_object_gone_mid_run_becomes_error_row(s3, s3_endpoint):
     data = upload_sample(s3, "xrays", "gone", SAMPLE_IDS[:2])
-    found = catalog.find_cases(f"{data}/images", s3_endpoint=s3_endpoint)
+    found = catalog.find_cases(f"{data}/images", store=Store(s3_endpoint))
     s3.delete_object(Bucket="xrays", Key=f"gone/images/{SAMPLE_IDS[0]}.png")
-    rows = pipeline.preprocessed(found.cases, 64, 1, 0.25, s3_endpoint).take_all()
+    rows = pipeline.preprocessed(found.cases, 64, 1, 0.25, Store(s3_endpoint)).take_all()
     status = {row["id"]: (row["status"], row["error"]) for row in rows}
     assert status[SAMPLE_IDS[1]] == ("ok", "")
     assert status[SAMPLE_IDS[0]][0] == "error"
@@ -109,24 +108,24 @@ def test_object_gone_mid_run_becomes_error_row(s3, s3_endpoint):
 
 def test_missing_bucket_is_named(s3_endpoint):
     with pytest.raises(storage.StorageError, match=r"s3://no-such-bucket/x: the bucket does not"):
-        catalog.find_cases("s3://no-such-bucket/x", s3_endpoint=s3_endpoint)
+        catalog.find_cases("s3://no-such-bucket/x", store=Store(s3_endpoint))
     with pytest.raises(storage.StorageError, match=r"s3://no-out-bucket/r: the bucket does not"):
-        storage.check_writable("s3://no-out-bucket/r", s3_endpoint)
+        Store(s3_endpoint).check_writable("s3://no-out-bucket/r")
 
 
 def test_empty_prefix_is_named(s3, s3_endpoint):
     s3.create_bucket(Bucket="empty")
     with pytest.raises(catalog.CatalogError, match=r"not found: s3://empty/nothing/here"):
-        catalog.find_cases("s3://empty/nothing/here", s3_endpoint=s3_endpoint)
+        catalog.find_cases("s3://empty/nothing/here", store=Store(s3_endpoint))
     s3.put_object(Bucket="empty", Key="notes/readme.txt", Body=b"no images here")
     with pytest.raises(catalog.CatalogError, match=r"no images .* under s3://empty/notes"):
-        catalog.find_cases("s3://empty/notes", s3_endpoint=s3_endpoint)
+        catalog.find_cases("s3://empty/notes", store=Store(s3_endpoint))
 
 
 def test_unreachable_endpoint_is_named_quickly():
     started = time.monotonic()
     with pytest.raises(storage.StorageError, match=r"s3://xrays/a: the S3 endpoint is unreachable"):
-        catalog.find_cases("s3://xrays/a", s3_endpoint=f"http://127.0.0.1:{free_port()}")
+        catalog.find_cases("s3://xrays/a", store=Store(f"http://127.0.0.1:{free_port()}"))
     assert time.monotonic() - started < 60
 
 
@@ -144,15 +143,15 @@ def test_access_denied_is_named(tmp_path):
         endpoint = f"http://127.0.0.1:{port}"
         for _ in range(100):
             try:
-                storage.file_type("s3://locked/x", endpoint)
+                Store(endpoint).file_type("s3://locked/x")
             except storage.StorageError as exc:
                 if "unreachable" not in str(exc):
                     break
             time.sleep(0.1)
         with pytest.raises(storage.StorageError, match=r"s3://locked/data: access denied"):
-            catalog.find_cases("s3://locked/data", s3_endpoint=endpoint)
+            catalog.find_cases("s3://locked/data", store=Store(endpoint))
         with pytest.raises(storage.StorageError, match=r"s3://locked/out: access denied"):
-            storage.check_writable("s3://locked/out", endpoint)
+            Store(endpoint).check_writable("s3://locked/out")
     finally:
         server.terminate()
         server.wait(10)

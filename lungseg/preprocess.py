@@ -1,0 +1,106 @@
+"""Reading X-rays for a model: read, decode, grayscale, stretch, resize, in batches of cases.
+
+:class:`Preprocess` is a plain callable on a batch of :func:`case_records`: Ray Data runs it as
+an actor (:func:`lungseg.pipeline.preprocessed`), and a process without Ray calls it directly
+(:func:`load_arrays`, the single-process trainer, the benchmark's loop).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, fields
+
+import cv2
+import numpy as np
+
+from lungseg import draw, imaging
+from lungseg.catalog import Case
+from lungseg.layout import ERROR, OK
+from lungseg.storage import DEFAULT_STORE, Store
+
+INFO_COLUMNS = tuple(f.name for f in fields(imaging.ImageInfo))
+"""Header columns of :class:`Preprocess` output: strings (empty) and float64 (NaN) when unknown."""
+
+
+def case_records(cases: tuple[Case, ...] | list[Case]) -> list[dict]:
+    """Catalog cases as rows for ``ray.data.from_items``."""
+    return [{"id": c.id, "name": c.name, "source": c.image, "truth": list(c.masks)} for c in cases]
+
+
+class Preprocess:
+    """Ray Data actor: read bytes through pyarrow, decode, grayscale, normalise, resize.
+
+    Output columns: ``id``, ``name`` (of the output files), ``source``, ``image`` (uint8 size x
+    size), ``mask`` (0/1 uint8 size x size, zeros without truth), ``truth_png`` (the truth at full
+    size as PNG bytes, empty without truth), ``height``, ``width`` (the image's own size), the
+    DICOM header's ``INFO_COLUMNS``, ``status``, ``error``; with ``display`` > 0 also
+    ``display_png``, the normalised image shrunk to at most ``display`` pixels a side as PNG
+    bytes (empty on error), for overlays. A failing image becomes a row with ``status ==
+    "error"`` and the reason, never an exception.
+    """
+
+    def __init__(
+        self, size: int, store: Store = DEFAULT_STORE, threads: int = 1, display: int = 0
+    ) -> None:
+        cv2.setNumThreads(threads)
+        self.size = size
+        self.store = store
+        self.display = display
+
+    def _one(self, source: str, truth: list[str]) -> dict:
+        image, info = imaging.load_image_with_info(self.store.read_bytes(source), source)
+        row = {
+            **asdict(info),
+            "image": imaging.resize_image(image, self.size),
+            "mask": np.zeros((self.size, self.size), np.uint8),
+            "truth_png": b"",
+            "height": image.shape[0],
+            "width": image.shape[1],
+        }
+        if self.display:
+            row["display_png"] = imaging.encode_image(draw.downscale(image, self.display))
+        if truth:
+            mask = imaging.load_mask([self.store.read_bytes(uri) for uri in truth], truth)
+            if mask.shape != image.shape:
+                raise ValueError(
+                    f"mask {mask.shape[1]}x{mask.shape[0]} differs from image "
+                    f"{image.shape[1]}x{image.shape[0]}: {', '.join(truth)}"
+                )
+            row["mask"] = imaging.resize_mask(mask, self.size, self.size)
+            row["truth_png"] = imaging.encode_png(mask)
+        return row
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        blank = np.zeros((self.size, self.size), np.uint8)
+        rows = []
+        for source, truth in zip(batch["source"], batch["truth"], strict=True):
+            truth = [str(t) for t in truth]
+            try:
+                rows.append({**self._one(str(source), truth), "status": OK, "error": ""})
+            except Exception as exc:  # a bad image becomes an error row, never a crashed job
+                rows.append(
+                    {
+                        "image": blank,
+                        "mask": blank,
+                        "truth_png": b"",
+                        "display_png": b"",
+                        "height": -1,
+                        "width": -1,
+                        **asdict(imaging.ImageInfo()),
+                        "status": ERROR,
+                        "error": f"{type(exc).__name__}: {exc}",
+                    }
+                )
+        out = {
+            key: np.array([r[key] for r in rows])
+            for key in ("height", "width", *INFO_COLUMNS, "status", "error")
+        }
+        out["image"] = np.stack([r["image"] for r in rows])
+        out["mask"] = np.stack([r["mask"] for r in rows])
+        out["truth_png"] = np.array([r["truth_png"] for r in rows], dtype=object)
+        if self.display:
+            out["display_png"] = np.array([r["display_png"] for r in rows], dtype=object)
+        out["id"] = batch["id"]
+        out["name"] = batch["name"]
+        out["source"] = batch["source"]
+        out["has_truth"] = np.array([len(t) > 0 for t in batch["truth"]])
+        return out

@@ -1,0 +1,174 @@
+"""A training run, whoever trains it (:mod:`lungseg.train` on Ray, :mod:`lungseg.fit` in one
+process): its data and split, the checks before training, and the files of its run folder.
+No Ray here."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections import Counter
+from dataclasses import asdict, dataclass
+
+import pyarrow as pa
+
+from lungseg import catalog, outputs, recipe, storage, table
+from lungseg.config import TrainConfig
+from lungseg.errors import UserError
+from lungseg.layout import CONFIG_FILE, DATA_FILE, ERROR, FLAGGED, MODEL_FILE, OK
+from lungseg.modelfile import describe
+from lungseg.storage import Store
+
+logger = logging.getLogger(__name__)
+
+DATA_SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("source", pa.string()),
+        ("split", pa.string()),
+        ("status", pa.string()),
+        ("error", pa.string()),
+    ]
+)
+"""``data.parquet``: one row per image under ``--data``, with the split it went to."""
+_FAILED_SHOWN = 10  # failed pairs named in the error when too few are left
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """Where a finished run put its files, its history and the epoch it kept."""
+
+    run: str
+    model: str
+    history: list[dict]
+    best_epoch: int
+    stopped_early: bool
+    table: str  # data.parquet: every image and whether it was trained on
+    images: int
+    flagged: int
+    failed: int
+
+
+def read_data(
+    config: TrainConfig, store: Store
+) -> tuple[catalog.Catalog, dict[str, tuple[catalog.Case, ...]], list[dict]]:
+    """The catalog, its split into ``train``/``val`` labelled cases, and a ``data.parquet`` row
+    for every image that is not in either (no mask, or not in the split file)."""
+    found = catalog.find_cases(config.data, config.masks, store)
+    logger.info("catalog: %s", found.summary())
+    labelled = catalog.Catalog(found.labelled, ())
+    if config.split:
+        subsets = catalog.read_split(config.split, store)
+        missing = {"train", "val"} - set(subsets)
+        if missing:
+            raise UserError(f"{config.split} has no {' or '.join(sorted(missing))} list of ids")
+        parts = {name: labelled.select(subsets[name]) for name in ("train", "val")}
+    else:
+        ids = catalog.split_ids([c.id for c in labelled.cases], config.val_fraction)
+        parts = dict(zip(("train", "val"), map(labelled.select, ids), strict=True))
+    if not parts["train"]:
+        raise UserError(f"no labelled images to train on under {config.data}")
+    chosen = {case.id for cases in parts.values() for case in cases}
+    left_out = [
+        {
+            "id": case.id,
+            "source": case.image,
+            "status": FLAGGED,
+            "error": "not in the --split file" if case.masks else "no lung mask: not trained on",
+        }
+        for case in found.cases
+        if case.id not in chosen
+    ]
+    return found, parts, left_out
+
+
+def write_data_table(
+    config: TrainConfig,
+    store: Store,
+    found: catalog.Catalog,
+    rows: list[dict],
+    workers: int,
+    has_val: bool,
+) -> tuple[str, Counter[str]]:
+    """``data.parquet`` (a row per image: split, status, error), then the check that enough
+    pairs are readable: one per worker, and one to validate on when the split has validation
+    ids; too few is a UserError naming the failed pairs. Its URI and the counts by status."""
+    uri = storage.join(config.output, DATA_FILE)
+    statuses = table.write_table((), uri, DATA_SCHEMA, found.cases, store, known=rows)
+    usable = Counter(row.get("split") for row in rows if row["status"] == OK)
+    failed = [row for row in rows if row["status"] == ERROR]
+    for row in failed:
+        logger.warning("skipped %s (%s): %s", row["id"], row["source"], row["error"])
+    if usable["train"] < workers or (has_val and not usable["val"]):
+        named = "; ".join(f"{r['id']}: {r['error']}" for r in failed[:_FAILED_SHOWN])
+        more = ", ..." if len(failed) > _FAILED_SHOWN else ""
+        raise UserError(
+            f"too few readable image/mask pairs: {usable['train']} to train on (at least "
+            f"{workers}, one per worker) and {usable['val']} to validate on (at least 1 "
+            f"when the split has validation ids); {len(failed)} failed: {named}{more} "
+            f"(every image is listed in {uri})"
+        )
+    logger.info("split: %d train, %d validation images", usable["train"], usable["val"])
+    return uri, statuses
+
+
+def finish_run(
+    config: TrainConfig,
+    store: Store,
+    model: bytes,
+    history: list[dict],
+    rows: list[dict],
+    trainer: str,
+    data: tuple[str, Counter[str]],
+) -> TrainResult:
+    """Write the run folder's files (:func:`recipe.run_files`, with the provenance of the
+    model) and ``config.json``; the run's result."""
+    split = {
+        name: [r["id"] for r in rows if r.get("split") == name and r["status"] == OK]
+        for name in ("train", "val")
+    }
+    record = recipe.provenance(
+        config.recipe, split, history, describe(model).sha256, trainer, config.data
+    )
+    for name, content in recipe.run_files(model, history, record).items():
+        store.write_bytes(storage.join(config.output, name), content)
+    config_json = json.dumps(config.to_dict(), indent=2).encode()
+    store.write_bytes(storage.join(config.output, CONFIG_FILE), config_json)
+    uri, statuses = data
+    return TrainResult(
+        run=config.output,
+        model=storage.join(config.output, MODEL_FILE),
+        history=history,
+        best_epoch=recipe.best_epoch(history),
+        stopped_early=len(history) < config.recipe.epochs,
+        table=uri,
+        images=sum(statuses.values()),
+        flagged=statuses[FLAGGED],
+        failed=statuses[ERROR],
+    )
+
+
+def claim_run(config: TrainConfig, store: Store, parts: dict[str, tuple[catalog.Case, ...]]):
+    """Hold the run folder for this run (:func:`lungseg.outputs.claimed`): a folder that holds
+    a run of other data, split, model shape or recipe is refused (``--epochs`` and
+    ``--patience`` may change: they say how long to go on); the same run is continued."""
+    ids = {name: sorted(case.id for case in cases) for name, cases in parts.items()}
+    recipe_settings = asdict(config.recipe)
+    for how_long in ("epochs", "patience"):
+        del recipe_settings[how_long]
+    settings = {
+        "data": config.data,
+        "masks": config.masks,
+        "split_sha256": hashlib.sha256(json.dumps(ids, sort_keys=True).encode()).hexdigest(),
+        "recipe": recipe_settings,
+    }
+    return outputs.claimed(
+        store,
+        config.output,
+        "train",
+        settings,
+        ("*",),
+        reads={"--data": config.data, "--masks": config.masks},
+        resume=True,
+        overwrite=config.overwrite,
+    )
