@@ -339,13 +339,19 @@ def split_ids(ids: Iterable[str], val_fraction: float) -> tuple[list[str], list[
 
 
 def read_split(uri: str, store: Store) -> dict[str, list[str]]:
-    """A split file: JSON lists of ids by subset name (``{"train": [...], "val": [...]}``)."""
+    """A split file's lists of ids by subset name (``{"train": [...], "val": [...]}``); other
+    entries that are text (a ``description``) are left out."""
     try:
         split = json.loads(store.read_bytes(uri))
     except ValueError as exc:
         raise CatalogError(f"{uri}: not a JSON split file ({exc})") from exc
-    if not isinstance(split, dict) or not all(
-        isinstance(ids, list) and all(isinstance(i, str) for i in ids) for ids in split.values()
+    subsets = (
+        {name: ids for name, ids in split.items() if not isinstance(ids, str)}
+        if isinstance(split, dict)
+        else {}
+    )
+    if not subsets or not all(
+        isinstance(ids, list) and all(isinstance(i, str) for i in ids) for ids in subsets.values()
     ):
         raise CatalogError(f"{uri}: a split file maps subset names to lists of ids")
-    return split
+    return subsets

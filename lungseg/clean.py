@@ -18,7 +18,6 @@ from dataclasses import asdict, dataclass
 import cv2
 import numpy as np
 import pyarrow as pa
-import ray
 
 from lungseg import catalog, imaging, outputs, pipeline, storage, table
 from lungseg.config import CleanConfig, CleanParams
@@ -307,14 +306,15 @@ def _clean(
     config: CleanConfig, cases: Sequence[catalog.Case], store: Store, progress: Progress
 ) -> CleanSummary:
     res = config.resources
-    budget = pipeline.CpuBudget.for_cluster(0, res.preprocess_actors, None, res.actor_cpus)
-    batch_size = pipeline.task_batch(len(cases), res.preprocess_actors, config.batch_size)
+    cpus, _ = pipeline.cluster_resources()
+    pool = pipeline.preprocess_pool(cpus, 0, res.preprocess_actors, res.actor_cpus)
+    batch_size = pipeline.task_batch(len(cases), pool.max_size, config.batch_size)
     rows = pipeline.case_dataset(cases, batch_size).map_batches(
         Cleaner,
         fn_constructor_kwargs={"output": config.output, "params": config.params, "store": store},
-        compute=ray.data.ActorPoolStrategy(size=res.preprocess_actors),
+        compute=pool.strategy(),
         batch_size=batch_size,
-        num_cpus=budget.actor,
+        num_cpus=pool.cpus,
     )
     first = {case.id for case in cases[: config.sheet]}
     shown: list[dict] = []

@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 
 from lungseg import __version__, console
 from lungseg.config import (
+    AUTO,
     BUNDLED_SPLIT,
     INVERT_RULES,
     PRECISIONS,
@@ -66,13 +67,16 @@ def _add_resources(parser: argparse.ArgumentParser, gpu: bool = True) -> None:
     d = ResourceConfig()
     group = parser.add_argument_group("resources")
     group.add_argument(
-        "--preprocess-actors", type=int, default=d.preprocess_actors, help="OpenCV actors"
+        "--preprocess-actors",
+        type=int,
+        default=d.preprocess_actors,
+        help="OpenCV actors (default: a pool that grows to the spare CPUs)",
     )
     group.add_argument(
         "--actor-cpus",
         type=float,
         default=d.actor_cpus,
-        help="CPUs per preprocessing actor (default: derived from the cluster's CPUs)",
+        help="CPUs per preprocessing actor (default: 0.4 up to 4 CPUs, else 1)",
     )
     if gpu:
         group.add_argument("--gpu", action="store_true", help="train / segment on GPUs")
@@ -217,13 +221,16 @@ def _add_segment_arguments(parser: argparse.ArgumentParser, output: str) -> None
     parser.add_argument("--threshold", type=float, default=d.threshold, help="lung probability cut")
     parser.add_argument(
         "--precision",
-        choices=PRECISIONS,
+        choices=(AUTO, *PRECISIONS),
         default=d.precision,
-        help="what the model computes in: bfloat16 runs on the bf16 units of recent CPUs (AMX) "
-        "and GPUs, float16 on GPU tensor cores; masks then differ slightly from float32's",
+        help="what the model computes in: auto is bfloat16 on GPUs and on CPUs with bf16 units "
+        "(AVX-512 BF16, AMX), else float32; float16 is for GPU tensor cores",
     )
     parser.add_argument(
-        "--segment-actors", type=int, default=d.segment_actors, help="model-serving actors"
+        "--segment-actors",
+        type=int,
+        default=d.segment_actors,
+        help="model actors (default: one per GPU with --gpu, else one per 8 CPUs)",
     )
     parser.add_argument(
         "--overlays",
@@ -377,8 +384,16 @@ def _add_benchmark(commands, parents) -> None:
     bench.add_argument("--input", default=d.input, help="local root of X-rays to copy")
     bench.add_argument("--output", default=d.output, help="folder of benchmark.json")
     bench.add_argument("--model", default=d.model, help=".keras model of the inference rows")
+    bench.add_argument("--films", type=int, default=d.films, help="hospital films")
     bench.add_argument(
-        "--images", type=int, default=d.images, help="images of preprocessing and inference"
+        "--film-size", type=int, default=d.film_size, help="pixels a side of the hospital films"
+    )
+    bench.add_argument("--images", type=int, default=d.images, help="512 px films of inference")
+    bench.add_argument(
+        "--preprocess-images",
+        type=int,
+        default=d.preprocess_images,
+        help="images of the preprocessing row",
     )
     bench.add_argument(
         "--memory-images",
@@ -405,7 +420,10 @@ def _benchmark_config(args: argparse.Namespace) -> BenchmarkConfig:
         input=args.input,
         output=args.output,
         model=args.model,
+        films=args.films,
+        film_size=args.film_size,
         images=args.images,
+        preprocess_images=args.preprocess_images,
         memory_images=args.memory_images,
         train_images=args.train_images,
         batch_size=args.batch_size,
@@ -481,7 +499,8 @@ def _config(args: argparse.Namespace):
 
 
 def _say(text: str) -> None:
-    print(console.printable(text), flush=True)
+    for line in text.splitlines():
+        print(console.printable(line), flush=True)
 
 
 def _train(config: TrainConfig, session: console.Session, args: argparse.Namespace) -> int:

@@ -83,15 +83,16 @@ class RecipeConfig:
 
 @dataclass(frozen=True)
 class ResourceConfig:
-    """Ray actors per stage and their CPU share (None: derived from the cluster)."""
+    """Preprocessing actors and their CPUs each, GPUs for the model (None: derived from the
+    cluster's CPUs and GPUs, :mod:`lungseg.pipeline`)."""
 
-    preprocess_actors: int = 2
+    preprocess_actors: int | None = None
     actor_cpus: float | None = None
     use_gpu: bool = False
 
     def __post_init__(self) -> None:
         _check(
-            self.preprocess_actors >= 1,
+            self.preprocess_actors is None or self.preprocess_actors >= 1,
             f"--preprocess-actors must be at least 1, got {self.preprocess_actors}",
         )
         _check(
@@ -145,6 +146,9 @@ class TrainConfig:
 PRECISIONS = ("float32", "bfloat16", "float16")
 """What the model computes in: float32, or Keras mixed precision (see
 :func:`lungseg.model.with_precision`)."""
+AUTO = "auto"
+"""bfloat16 where the hardware computes in it (GPUs, CPUs with AVX-512 BF16 or AMX), else
+float32: :func:`lungseg.pipeline.resolve_precision`."""
 
 
 @dataclass(frozen=True)
@@ -155,24 +159,24 @@ class SegmentConfig:
     output: str = DEFAULT_SEGMENT_OUTPUT
     batch_size: int = 8
     threshold: float = 0.5
-    segment_actors: int = 1
+    segment_actors: int | None = None  # model actors (None: one per GPU, or per 8 CPUs)
     resources: ResourceConfig = ResourceConfig()
     s3_endpoint: str | None = None
     overlays: bool = False
     ids: tuple[str, ...] | None = None  # only these ids of the catalog (evaluate's split)
     resume: bool = False  # go on with the run whose outputs are in ``output`` (same settings)
     overwrite: bool = False  # replace the run whose outputs are in ``output``
-    precision: str = "float32"
+    precision: str = "auto"
 
     def __post_init__(self) -> None:
         _check(
-            self.precision in PRECISIONS,
-            f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}",
+            self.precision in (AUTO, *PRECISIONS),
+            f"--precision must be one of {AUTO}, {', '.join(PRECISIONS)}, got {self.precision!r}",
         )
         _check(self.batch_size >= 1, f"--batch-size must be at least 1, got {self.batch_size}")
         _check(0 < self.threshold < 1, f"--threshold must be in (0, 1), got {self.threshold}")
         _check(
-            self.segment_actors >= 1,
+            self.segment_actors is None or self.segment_actors >= 1,
             f"--segment-actors must be at least 1, got {self.segment_actors}",
         )
         _check(not (self.resume and self.overwrite), "--resume and --overwrite exclude each other")
@@ -264,23 +268,27 @@ class ReportConfig:
 
 
 DEFAULT_BENCHMARK_OUTPUT = "out/benchmark"
-BENCHMARK_STAGES = ("preprocessing", "inference", "training", "memory")
+BENCHMARK_STAGES = ("hospital", "inference", "preprocessing", "training", "memory")
 
 
 @dataclass(frozen=True)
 class BenchmarkConfig:
     """Settings of ``lungseg benchmark`` (:mod:`lungseg.benchmark`).
 
-    ``input`` is a local root of X-rays (its masks feed the training row); ``images`` the set
-    of the preprocessing and inference rows; ``memory_images`` the small and the large set of
-    the memory row; ``train_model`` the U-Net trained in the training row; ``rounds`` how
-    often each side runs (its best counts).
+    ``input`` is a local root of X-rays (its masks feed the training row); ``films`` of them,
+    resized to ``film_size`` pixels, are the hospital films; ``images`` the 512 px films of the
+    inference row, ``preprocess_images`` those of the preprocessing row, ``memory_images`` the
+    small and the large set of the memory row; ``train_model`` the U-Net trained in the
+    training row; ``rounds`` how often each side runs (its best counts).
     """
 
     input: str = SAMPLE
     output: str = DEFAULT_BENCHMARK_OUTPUT
     model: str = BUNDLED_MODEL
+    films: int = 400
+    film_size: int = 2048
     images: int = 1000
+    preprocess_images: int = 10000
     memory_images: tuple[int, int] = (1000, 10000)
     train_images: int = 128
     train_model: ModelConfig = ModelConfig()
@@ -299,7 +307,15 @@ class BenchmarkConfig:
             f"--memory-images must be two counts, got {self.memory_images}",
         )
         _check(
-            min(self.images, self.train_images, *self.memory_images, self.batch_size) >= 1,
+            min(
+                self.films,
+                self.images,
+                self.preprocess_images,
+                self.train_images,
+                *self.memory_images,
+                self.batch_size,
+            )
+            >= 1,
             "image counts and --batch-size must be at least 1",
         )
         _check(self.rounds >= 1, f"--rounds must be at least 1, got {self.rounds}")

@@ -114,7 +114,7 @@ def load_arrays(
 ) -> tuple[np.ndarray, np.ndarray, list[dict]]:
     """Preprocess ``cases`` in this process: ``(images, masks)`` of the readable ones and a row
     (``id``, ``source``, ``status``, ``error``) for every case."""
-    reader = Preprocess(size, store)
+    reader = Preprocess(size, store, train=True)
     images, masks, rows = [], [], []
     records = case_records(cases)
     for start in range(0, len(records), PREPROCESS_BATCH):

@@ -3,44 +3,23 @@ shares that keep a small machine from hanging, and rows streamed back to the dri
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import pyarrow as pa
 import ray
+from ray.data import ExecutionResources
 
 from lungseg import storage
 from lungseg.catalog import Case
-from lungseg.config import PREPROCESS_BATCH
+from lungseg.config import AUTO, PREPROCESS_BATCH
+from lungseg.errors import UserError
 from lungseg.preprocess import Preprocess, case_records
 from lungseg.storage import Store
 
 FAULT_DIR = "LUNGSEG_FAULT_DIR"
-
-
-@dataclass(frozen=True)
-class CpuBudget:
-    """CPU shares that let Ray Data actors, their read tasks and train workers share a machine.
-
-    Ray schedules by declared CPUs: on a 2-core laptop, two 1-CPU train workers plus 1-CPU
-    preprocessing actors leave nothing for Ray Data's own tasks and the job hangs silently.
-    """
-
-    worker: float
-    actor: float
-
-    @staticmethod
-    def for_cluster(
-        workers: int, actors: int, worker: float | None = None, actor: float | None = None
-    ) -> CpuBudget:
-        """Half the cluster's CPUs to train workers, the rest shared by actors and Ray's tasks."""
-        total = float(ray.cluster_resources().get("CPU", 1.0))
-        worker = worker if worker is not None else max(0.1, round(total / 2 / max(workers, 1), 2))
-        actor = (
-            actor if actor is not None else max(0.1, round(min(1.0, total / 2 / (actors + 1)), 2))
-        )
-        return CpuBudget(worker=worker, actor=actor)
 
 
 def inject_fault(point: str, count: int) -> None:
@@ -61,6 +40,128 @@ def inject_fault(point: str, count: int) -> None:
     os._exit(1)
 
 
+@dataclass(frozen=True)
+class Pool:
+    """A Ray Data actor pool: between ``min_size`` and ``max_size`` actors (Ray Data adds actors
+    while their input queues up), each declaring ``cpus`` and ``gpus`` and running ``threads``
+    threads of its own (TensorFlow's intra-op threads, mask writers)."""
+
+    min_size: int
+    max_size: int
+    cpus: float
+    gpus: int = 0
+    threads: int = 1
+    calls: int = 1  # batches an actor takes at once (its own threads run them)
+
+    def strategy(self) -> ray.data.ActorPoolStrategy:
+        return ray.data.ActorPoolStrategy(
+            min_size=self.min_size,
+            max_size=self.max_size,
+            max_concurrent_calls_per_actor=self.calls,
+            enable_true_multi_threading=self.calls > 1,
+        )
+
+    def size_cpus(self) -> float:
+        """The CPUs the pool declares at its largest."""
+        return self.max_size * self.cpus
+
+
+MODEL_SHARE = 0.6
+"""A CPU node's share of cores for the model actors, which also write the masks: with bfloat16,
+of a 2048 px film's ~100 core-ms the model is about half and writing its mask about a seventh,
+decoding and resizing a third (``lungseg benchmark`` prints these costs)."""
+CORES_PER_MODEL_ACTOR = 8
+"""Cores one CPU model actor's TensorFlow keeps busy: more cores get more actors, since one
+``predict`` spreads over many threads poorly."""
+MODEL_CALLS = 2
+"""Batches a model actor takes at once: it predicts one (a lock keeps the model to one) while its
+threads post-process and write the other, so that neither waits for the other (2,048 px films
+on 2 cores: 41 s instead of 46 for 400)."""
+SMALL_NODE = 4
+"""Up to this many CPUs, preprocessing actors declare less than a CPU each (:data:`SMALL_ACTOR`),
+so that they fit beside the model actor; its threads fill the gaps."""
+SMALL_ACTOR = 0.8
+
+
+def cluster_resources() -> tuple[float, int]:
+    """The CPUs and GPUs of the Ray cluster this process is attached to."""
+    resources = ray.cluster_resources()
+    return float(resources.get("CPU", 1.0)), int(resources.get("GPU", 0))
+
+
+def resolve_precision(precision: str, use_gpu: bool, cpuinfo: str = "/proc/cpuinfo") -> str:
+    """``precision``, with ``auto`` made concrete: bfloat16 on GPUs and on CPUs whose flags
+    (``cpuinfo``) show bfloat16 units (``avx512_bf16``, ``amx_bf16``), else float32.
+
+    On those the model runs 1.5x faster and the bundled model's validation Dice is the same to
+    the third decimal (README, Segment). Decided on the driver, so that the manifest records it.
+    """
+    if precision != AUTO:
+        return precision
+    if use_gpu:
+        return "bfloat16"
+    try:
+        with open(cpuinfo) as f:
+            flags = next(
+                (line.split(":", 1)[1].split() for line in f if line.startswith("flags")), []
+            )
+    except OSError:
+        flags = []
+    return "bfloat16" if {"avx512_bf16", "amx_bf16"} & set(flags) else "float32"
+
+
+def train_worker_cpus(cpus: float, workers: int, given: float | None = None) -> float:
+    """CPUs per Ray Train worker: ``given``, else half the cluster's shared among the workers.
+
+    Ray schedules by declared CPUs: while the workers train, Ray Data streams their shards
+    through tasks of its own, and with every CPU given to workers those tasks never run and the
+    job hangs silently (on a 2-core laptop, two 1-CPU workers do just that).
+    """
+    return given if given is not None else max(0.1, round(cpus / 2 / max(workers, 1), 2))
+
+
+def preprocess_pool(
+    cpus: float, reserved: float = 0.0, actors: int | None = None, actor_cpus: float | None = None
+) -> Pool:
+    """The pool of preprocessing actors on ``cpus``, less the ``reserved`` CPUs of other actors.
+
+    Each actor declares :data:`SMALL_ACTOR` CPUs up to :data:`SMALL_NODE` CPUs, else 1 (or
+    ``actor_cpus``); the pool starts with one actor and grows to what the spare CPUs hold while
+    its input queues up. ``actors`` fixes its size.
+    """
+    each = actor_cpus or (SMALL_ACTOR if cpus <= SMALL_NODE else 1.0)
+    most = actors or max(1, int(max(cpus - reserved, each) / each + 1e-9))
+    return Pool(actors or 1, most, cpus=each)
+
+
+def segment_pools(
+    cpus: float,
+    gpus: int,
+    use_gpu: bool,
+    model_actors: int | None = None,
+    preprocess_actors: int | None = None,
+    actor_cpus: float | None = None,
+) -> tuple[Pool, Pool]:
+    """The preprocessing and model actor pools of a segment job on ``cpus`` and ``gpus``.
+
+    With ``use_gpu``: a model actor per GPU (1 CPU each: writing the masks is left to CPU
+    tasks), every other CPU to preprocessing. On CPUs: a model actor per
+    :data:`CORES_PER_MODEL_ACTOR` cores sharing :data:`MODEL_SHARE` of them (writing its masks
+    too), the rest to preprocessing (:func:`preprocess_pool`). ``model_actors`` fixes the
+    model pool's size.
+    """
+    if use_gpu:
+        if gpus < 1:
+            raise UserError("--gpu asks for GPUs, but this Ray cluster has none")
+        count = model_actors or gpus
+        model = Pool(count, count, cpus=1.0, gpus=1, threads=2, calls=MODEL_CALLS)
+    else:
+        count = model_actors or max(1, round(cpus / CORES_PER_MODEL_ACTOR))
+        share = round(cpus * MODEL_SHARE / count, 2)
+        model = Pool(count, count, share, threads=max(1, math.ceil(share)), calls=MODEL_CALLS)
+    return preprocess_pool(cpus, model.size_cpus(), preprocess_actors, actor_cpus), model
+
+
 def task_batch(images: int, actors: int, most: int = PREPROCESS_BATCH) -> int:
     """Images per preprocessing task: ``most``, or fewer so that each actor gets four tasks."""
     return max(1, min(most, -(-images // (4 * max(actors, 1)))))
@@ -69,22 +170,20 @@ def task_batch(images: int, actors: int, most: int = PREPROCESS_BATCH) -> int:
 def preprocessed(
     cases: tuple[Case, ...] | list[Case],
     size: int,
-    actors: int,
-    actor_cpus: float,
+    pool: Pool,
     store: Store = storage.DEFAULT_STORE,
     display: int = 0,
+    train: bool = False,
 ) -> ray.data.Dataset:
-    """A lazy dataset of preprocessed cases, decoded in a pool of ``actors`` OpenCV actors.
-
-    ``display`` > 0 adds the ``display_png`` column (see :class:`Preprocess`).
-    """
-    batch_size = task_batch(len(cases), actors)
+    """A lazy dataset of preprocessed cases, decoded in an actor ``pool`` of
+    :class:`lungseg.preprocess.Preprocess` (``display``, ``train``: its columns)."""
+    batch_size = task_batch(len(cases), pool.max_size)
     return case_dataset(cases, batch_size).map_batches(
         Preprocess,
-        fn_constructor_kwargs={"size": size, "store": store, "display": display},
-        compute=ray.data.ActorPoolStrategy(size=actors),
+        fn_constructor_kwargs={"size": size, "store": store, "display": display, "train": train},
+        compute=pool.strategy(),
         batch_size=batch_size,
-        num_cpus=actor_cpus,
+        num_cpus=pool.cpus,
     )
 
 
@@ -101,6 +200,21 @@ def case_dataset(cases: Sequence[Case], batch_size: int) -> ray.data.Dataset:
     dataset = ray.data.from_items(records, override_num_blocks=blocks)
     dataset.context.max_errored_blocks = -1  # copied into every dataset derived from this one
     return dataset
+
+
+QUEUE_BYTES = 128 << 20
+"""Object store that a streaming job's blocks may hold at once, so that a fast stage runs at
+most this far ahead of a slow one (about 2,000 films' model inputs). Unbounded, preprocessing
+queued all of a 10,000-film run for the model (626 MiB in Ray's object store, ``ray memory``),
+and the pages the model actor read stayed in its memory: the job's peak grew 1.29x from 1,000
+films to 10,000."""
+
+
+def bound_queue(dataset: ray.data.Dataset, queue_bytes: int = QUEUE_BYTES) -> None:
+    """Cap the object store that ``dataset``'s execution holds at once (:data:`QUEUE_BYTES`)."""
+    dataset.context.execution_options.resource_limits = ExecutionResources.for_limits(
+        object_store_memory=queue_bytes
+    )
 
 
 def row_batches(rows: ray.data.Dataset | None) -> Iterator[pa.Table]:

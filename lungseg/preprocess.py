@@ -30,31 +30,37 @@ class Preprocess:
     """Ray Data actor: read bytes through pyarrow, decode, grayscale, normalise, resize.
 
     Output columns: ``id``, ``name`` (of the output files), ``source``, ``image`` (uint8 size x
-    size), ``mask`` (0/1 uint8 size x size, zeros without truth), ``truth_png`` (the truth at full
-    size as PNG bytes, empty without truth), ``height``, ``width`` (the image's own size), the
-    DICOM header's ``INFO_COLUMNS``, ``status``, ``error``; with ``display`` > 0 also
-    ``display_png``, the normalised image shrunk to at most ``display`` pixels a side as PNG
-    bytes (empty on error), for overlays. A failing image becomes a row with ``status ==
-    "error"`` and the reason, never an exception.
+    size), ``height``, ``width`` (the image's own size), the DICOM header's ``INFO_COLUMNS``,
+    ``has_truth``, ``status``, ``error``, and where a case has masks, for ``train``: ``mask``
+    (0/1 uint8 size x size, zeros without truth), else ``truth_png`` (the truth at full size as
+    PNG bytes, for scoring; empty without truth). With ``display`` > 0 also ``display_png``,
+    the normalised image shrunk to at most ``display`` pixels a side as PNG bytes (empty on
+    error), for overlays. Only what the next stage needs crosses Ray's object store. A failing
+    image becomes a row with ``status == "error"`` and the reason, never an exception.
     """
 
     def __init__(
-        self, size: int, store: Store = DEFAULT_STORE, threads: int = 1, display: int = 0
+        self,
+        size: int,
+        store: Store = DEFAULT_STORE,
+        threads: int = 1,
+        display: int = 0,
+        train: bool = False,
     ) -> None:
         cv2.setNumThreads(threads)
         self.size = size
         self.store = store
         self.display = display
+        self.truth = "mask" if train else "truth_png"
 
     def _one(self, source: str, truth: list[str]) -> dict:
         image, info = imaging.load_image_with_info(self.store.read_bytes(source), source)
         row = {
             **asdict(info),
             "image": imaging.resize_image(image, self.size),
-            "mask": np.zeros((self.size, self.size), np.uint8),
-            "truth_png": b"",
             "height": image.shape[0],
             "width": image.shape[1],
+            self.truth: self._blank(),
         }
         if self.display:
             row["display_png"] = imaging.encode_image(draw.downscale(image, self.display))
@@ -65,12 +71,16 @@ class Preprocess:
                     f"mask {mask.shape[1]}x{mask.shape[0]} differs from image "
                     f"{image.shape[1]}x{image.shape[0]}: {', '.join(truth)}"
                 )
-            row["mask"] = imaging.resize_mask(mask, self.size, self.size)
-            row["truth_png"] = imaging.encode_png(mask)
+            if self.truth == "mask":
+                row["mask"] = imaging.resize_mask(mask, self.size, self.size)
+            else:
+                row["truth_png"] = imaging.encode_png(mask)
         return row
 
+    def _blank(self) -> np.ndarray | bytes:
+        return np.zeros((self.size, self.size), np.uint8) if self.truth == "mask" else b""
+
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        blank = np.zeros((self.size, self.size), np.uint8)
         rows = []
         for source, truth in zip(batch["source"], batch["truth"], strict=True):
             truth = [str(t) for t in truth]
@@ -79,9 +89,8 @@ class Preprocess:
             except Exception as exc:  # a bad image becomes an error row, never a crashed job
                 rows.append(
                     {
-                        "image": blank,
-                        "mask": blank,
-                        "truth_png": b"",
+                        "image": np.zeros((self.size, self.size), np.uint8),
+                        self.truth: self._blank(),
                         "display_png": b"",
                         "height": -1,
                         "width": -1,
@@ -95,8 +104,10 @@ class Preprocess:
             for key in ("height", "width", *INFO_COLUMNS, "status", "error")
         }
         out["image"] = np.stack([r["image"] for r in rows])
-        out["mask"] = np.stack([r["mask"] for r in rows])
-        out["truth_png"] = np.array([r["truth_png"] for r in rows], dtype=object)
+        if self.truth == "mask":
+            out["mask"] = np.stack([r["mask"] for r in rows])
+        else:
+            out["truth_png"] = np.array([r["truth_png"] for r in rows], dtype=object)
         if self.display:
             out["display_png"] = np.array([r["display_png"] for r in rows], dtype=object)
         out["id"] = batch["id"]

@@ -14,12 +14,13 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import threading
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
 
 import numpy as np
 import pyarrow as pa
-import ray
 
 from lungseg import catalog, draw, imaging, modelfile, outputs, pipeline, qc, storage, table
 from lungseg.config import SegmentConfig
@@ -80,21 +81,26 @@ class SegmentResult:
     mean_dice: float | None
 
 
-def single_inter_op_thread() -> None:
-    """Run TensorFlow's independent ops one at a time, each on all cores (intra-op threads).
-
-    TensorFlow's default, an inter-op pool as wide as the machine, oversubscribes the cores
-    that the pipeline's other actors share: with one inter-op thread the segment pipeline ran
-    600 X-rays 8% faster on 2 cores. No effect once TensorFlow has started in this process.
-    """
+def tensorflow_threads(intra_op: int) -> None:
+    """TensorFlow's thread pools for a model actor: one inter-op thread (independent ops run one
+    at a time: TensorFlow's default, a pool as wide as the machine, oversubscribed the cores the
+    other actors share, costing 8% on 2 cores) and ``intra_op`` threads per op, the CPUs the
+    actor was given. No effect once TensorFlow has started in this process (a test's)."""
     import tensorflow as tf
 
-    with contextlib.suppress(RuntimeError):  # TensorFlow already started (a test's process)
+    with contextlib.suppress(RuntimeError):
         tf.config.threading.set_inter_op_parallelism_threads(1)
+        tf.config.threading.set_intra_op_parallelism_threads(intra_op)
 
 
 class Segmenter:
-    """Ray Data actor: one model load, then lung probabilities (uint8, 0-255) per batch.
+    """Ray Data actor: one model load, then lung probabilities per batch, and with ``write``
+    (on CPU nodes) the masks of each batch written by ``threads`` threads of its own.
+
+    Writing here, where the image's size is known and the probabilities are at hand, spares a
+    stage of tasks (their processes and a trip through the object store); on a GPU node the
+    GPU would wait for the few CPUs of its actor, so there ``write`` is None and the batch
+    goes on with ``probability`` (uint8, 0-255) to :func:`write_masks` tasks.
 
     The model always sees ``batch_size`` images, the batch padded with black ones: TensorFlow's
     CPU kernels give an image results that differ in the last bits with the batch's size, and
@@ -104,29 +110,44 @@ class Segmenter:
     """
 
     def __init__(
-        self, model: str, batch_size: int, store: Store, precision: str = "float32"
+        self,
+        model: str,
+        batch_size: int,
+        store: Store,
+        precision: str,
+        threads: int = 1,
+        write: dict | None = None,
     ) -> None:
         from lungseg.model import load_model, with_precision
 
-        single_inter_op_thread()
+        tensorflow_threads(threads)
         self.model = with_precision(load_model(store.read_bytes(model)), precision)
         self.batch_size = batch_size
         self.batches = 0
+        self.write = write
+        self.writers = ThreadPoolExecutor(threads) if write is not None else None
+        # Ray Data runs pipeline.MODEL_CALLS batches at once: one predicts, another writes.
+        self.predicting = threading.Lock()
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        pipeline.inject_fault("segmenter", self.batches)
-        self.batches += 1
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray | list]:
         ok = batch["status"] == OK
         probability = np.zeros(batch["image"].shape, np.uint8)
-        if ok.any():
-            n = int(ok.sum())
-            images = np.zeros((max(n, self.batch_size), *batch["image"].shape[1:], 1), np.uint8)
-            images[:n, ..., 0] = batch["image"][ok]
-            predicted = self.model.predict_on_batch(images)[:n, ..., 0]
-            probability[ok] = np.rint(np.asarray(predicted) * 255).astype(np.uint8)
-        out = {k: v for k, v in batch.items() if k not in ("image", "mask")}
+        with self.predicting:
+            pipeline.inject_fault("segmenter", self.batches)
+            self.batches += 1
+            if ok.any():
+                n = int(ok.sum())
+                shape = (max(n, self.batch_size), *batch["image"].shape[1:], 1)
+                images = np.zeros(shape, np.uint8)
+                images[:n, ..., 0] = batch["image"][ok]
+                predicted = self.model.predict_on_batch(images)[:n, ..., 0]
+                probability[ok] = np.rint(np.asarray(predicted) * 255).astype(np.uint8)
+        out = {k: v for k, v in batch.items() if k != "image"}
         out["probability"] = probability
-        return out
+        if self.writers is None:
+            return out
+        rows = list(self.writers.map(lambda i: write_row(out, i, **self.write), range(len(ok))))
+        return {name: [row[name] for row in rows] for name in SCHEMA.names}
 
 
 def _row(
@@ -158,67 +179,71 @@ def _write_overlay(
     store.write_bytes(uri, imaging.encode_image(draw.overlay(display, *masks)))
 
 
-def write_masks(
+def write_row(
     batch: dict[str, np.ndarray],
+    i: int,
     output: str,
     threshold: float,
     store: Store,
     overlays: bool = False,
     truth_required: bool = False,
-) -> dict[str, list]:
-    """Ray Data task: post-process, restore size, write each mask PNG, score it; scalars out.
+) -> dict:
+    """Post-process row ``i`` of a batch of probabilities, restore its size, write its mask PNG
+    (and overlay), score it: its table row, never an exception.
 
     Files are named by the case's output name (:func:`lungseg.catalog.output_name`):
     ``masks/<name>.png``. ``lung_area_mm2`` is the lung pixel count times the pixel area (row x
     column spacing), null where the spacing is unknown. With ``overlays`` (the batch then has
-    ``display_png``), each image's overlay goes to ``overlays/<name>.png``. An implausible mask
+    ``display_png``), the overlay goes to ``overlays/<name>.png``. An implausible mask
     (:func:`lungseg.qc.implausible`: no lung, one lung, far too much or too little) is
     ``flagged`` with the reasons in ``error``, as is, with ``truth_required`` (ground-truth
     masks were given), an image without one.
     """
-    rows = []
-    for i, case_id in enumerate(batch["id"]):
-        case_id, name, source = str(case_id), str(batch["name"][i]), str(batch["source"][i])
-        if batch["status"][i] != OK:
-            rows.append(_row(case_id, source, error=str(batch["error"][i])))
-            continue
-        try:
-            height, width = int(batch["height"][i]), int(batch["width"][i])
-            small = imaging.postprocess(batch["probability"][i] / 255.0, threshold)
-            doubts = qc.implausible(small)
-            mask = imaging.resize_mask(small, height, width)
-            uri = storage.join(output, f"{MASKS_DIR}/{name}.png")
-            store.write_bytes(uri, imaging.encode_png(mask))
-            header = _header(batch, i)
-            row = _row(
-                case_id,
-                source,
-                OK,
-                mask=uri,
-                height=height,
-                width=width,
-                lung_fraction=float(mask.mean()),
-                **header,
-            )
-            if header["spacing_row_mm"] is not None and header["spacing_col_mm"] is not None:
-                pixel_mm2 = header["spacing_row_mm"] * header["spacing_col_mm"]
-                row["lung_area_mm2"] = int(mask.sum()) * pixel_mm2
-            truth = None
-            if batch["has_truth"][i]:
-                truth = imaging.binarise(imaging.decode(batch["truth_png"][i], "truth"))
-                counts = confusion(mask, truth)
-                row |= {"tp": counts.tp, "fp": counts.fp, "fn": counts.fn}
-                row |= {"dice": counts.dice, "iou": counts.iou}
-            elif truth_required:
-                doubts.append(NO_TRUTH)
-            if doubts:
-                row |= {"status": FLAGGED, "error": "; ".join(doubts)}
-            if overlays:
-                row["overlay"] = storage.join(output, f"{OVERLAYS_DIR}/{name}.png")
-                _write_overlay(batch["display_png"][i], mask, truth, row["overlay"], store)
-            rows.append(row)
-        except Exception as exc:  # a bad image becomes an error row, never a crashed job
-            rows.append(_row(case_id, source, error=f"{type(exc).__name__}: {exc}"))
+    case_id, name, source = str(batch["id"][i]), str(batch["name"][i]), str(batch["source"][i])
+    if batch["status"][i] != OK:
+        return _row(case_id, source, error=str(batch["error"][i]))
+    try:
+        height, width = int(batch["height"][i]), int(batch["width"][i])
+        small = imaging.postprocess(batch["probability"][i] / 255.0, threshold)
+        doubts = qc.implausible(small)
+        mask = imaging.resize_mask(small, height, width)
+        uri = storage.join(output, f"{MASKS_DIR}/{name}.png")
+        store.write_bytes(uri, imaging.encode_png(mask))
+        header = _header(batch, i)
+        row = _row(
+            case_id,
+            source,
+            OK,
+            mask=uri,
+            height=height,
+            width=width,
+            lung_fraction=float(mask.mean()),
+            **header,
+        )
+        if header["spacing_row_mm"] is not None and header["spacing_col_mm"] is not None:
+            pixel_mm2 = header["spacing_row_mm"] * header["spacing_col_mm"]
+            row["lung_area_mm2"] = int(mask.sum()) * pixel_mm2
+        truth = None
+        if batch["has_truth"][i]:
+            truth = imaging.binarise(imaging.decode(batch["truth_png"][i], "truth"))
+            counts = confusion(mask, truth)
+            row |= {"tp": counts.tp, "fp": counts.fp, "fn": counts.fn}
+            row |= {"dice": counts.dice, "iou": counts.iou}
+        elif truth_required:
+            doubts.append(NO_TRUTH)
+        if doubts:
+            row |= {"status": FLAGGED, "error": "; ".join(doubts)}
+        if overlays:
+            row["overlay"] = storage.join(output, f"{OVERLAYS_DIR}/{name}.png")
+            _write_overlay(batch["display_png"][i], mask, truth, row["overlay"], store)
+        return row
+    except Exception as exc:  # a bad image becomes an error row, never a crashed job
+        return _row(case_id, source, error=f"{type(exc).__name__}: {exc}")
+
+
+def write_masks(batch: dict[str, np.ndarray], **options) -> dict[str, list]:
+    """Ray Data task (on GPU nodes): :func:`write_row` for every row; scalar columns out."""
+    rows = [write_row(batch, i, **options) for i in range(len(batch["id"]))]
     return {name: [row[name] for row in rows] for name in SCHEMA.names}
 
 
@@ -269,6 +294,8 @@ def run_segmentation(
     """
     progress = progress or Progress()
     store = Store.for_job(config.s3_endpoint)
+    precision = pipeline.resolve_precision(config.precision, config.resources.use_gpu)
+    config = replace(config, precision=precision)  # what the manifest records
     model = modelfile.describe(store.read_bytes(config.model), config.model)
     found = catalog.find_cases(config.input, config.masks, store)
     logger.info("catalog: %s", found.summary())
@@ -307,46 +334,45 @@ def _segment(
     if resume:
         logger.info("resume: %d images done by an earlier run, %d to segment", len(kept), len(todo))
     res = config.resources
-    budget = pipeline.CpuBudget.for_cluster(
-        config.segment_actors, res.preprocess_actors, None, res.actor_cpus
+    cpus, gpus = pipeline.cluster_resources()
+    preprocess, models = pipeline.segment_pools(
+        cpus, gpus, res.use_gpu, config.segment_actors, res.preprocess_actors, res.actor_cpus
     )
+    write = {
+        "output": config.output,
+        "threshold": config.threshold,
+        "store": store,
+        "overlays": config.overlays,
+        "truth_required": config.masks is not None,
+    }
     rows = None
     if todo:
-        rows = (
-            pipeline.preprocessed(
-                todo,
-                model.size,
-                res.preprocess_actors,
-                budget.actor,
-                store,
-                draw.DISPLAY_SIZE if config.overlays else 0,
-            )
-            .map_batches(
-                Segmenter,
-                fn_constructor_kwargs={
-                    "model": config.model,
-                    "batch_size": config.batch_size,
-                    "store": store,
-                    "precision": config.precision,
-                },
-                compute=ray.data.ActorPoolStrategy(size=config.segment_actors),
-                batch_size=config.batch_size,
-                num_cpus=budget.worker,
-                num_gpus=1 if res.use_gpu else 0,
-            )
-            .map_batches(
-                write_masks,
-                fn_kwargs={
-                    "output": config.output,
-                    "threshold": config.threshold,
-                    "store": store,
-                    "overlays": config.overlays,
-                    "truth_required": config.masks is not None,
-                },
-                batch_size=pipeline.task_batch(len(todo), res.preprocess_actors),
-                num_cpus=budget.actor,
-            )
+        rows = pipeline.preprocessed(
+            todo, model.size, preprocess, store, draw.DISPLAY_SIZE if config.overlays else 0
         )
+        pipeline.bound_queue(rows)
+        rows = rows.map_batches(
+            Segmenter,
+            fn_constructor_kwargs={
+                "model": config.model,
+                "batch_size": config.batch_size,
+                "store": store,
+                "precision": config.precision,
+                "threads": models.threads,
+                "write": None if res.use_gpu else write,
+            },
+            compute=models.strategy(),
+            batch_size=config.batch_size,
+            num_cpus=models.cpus,
+            num_gpus=models.gpus,
+        )
+        if res.use_gpu:
+            rows = rows.map_batches(
+                write_masks,
+                fn_kwargs=write,
+                batch_size=pipeline.task_batch(len(todo), preprocess.max_size),
+                num_cpus=1,
+            )
     dice: list[float] = []
 
     def account(rows: pa.Table) -> None:

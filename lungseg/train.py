@@ -244,14 +244,14 @@ def _train(
 
     fs, path = store.resolve(config.output)
     res = config.resources
-    budget = pipeline.CpuBudget.for_cluster(
-        config.workers, res.preprocess_actors, config.worker_cpus, res.actor_cpus
-    )
+    cpus, _ = pipeline.cluster_resources()
+    # The data is read before the workers start: preprocessing may have every CPU.
+    pool = pipeline.preprocess_pool(cpus, 0, res.preprocess_actors, res.actor_cpus)
     datasets = {}
     progress.start("read", sum(len(cases) for cases in parts.values()))
     for name, cases in parts.items():
         data = pipeline.preprocessed(
-            cases, config.recipe.model.size, res.preprocess_actors, budget.actor, store
+            cases, config.recipe.model.size, pool, store, train=True
         ).materialize()
         read = data.select_columns(["id", "source", "status", "error"]).take_all()
         rows.extend(row | {"split": name, "error": row["error"] or None} for row in read)
@@ -267,7 +267,9 @@ def _train(
         scaling_config=ray.train.ScalingConfig(
             num_workers=config.workers,
             use_gpu=res.use_gpu,
-            resources_per_worker={"CPU": budget.worker},
+            resources_per_worker={
+                "CPU": pipeline.train_worker_cpus(cpus, config.workers, config.worker_cpus)
+            },
         ),
         datasets=datasets,
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),

@@ -18,7 +18,8 @@ from lungseg.benchmark import (
     run_benchmark,
     session_processes,
 )
-from lungseg.config import BENCHMARK_STAGES, BenchmarkConfig, ModelConfig
+from lungseg.benchmark.baselines import StageCosts
+from lungseg.config import BenchmarkConfig, ModelConfig
 from tests.conftest import SAMPLE_IDS, copy_sample
 
 
@@ -61,8 +62,26 @@ def test_session_processes_include_children():
         child.communicate(b"")
 
 
+def test_replicate_resizes_to_hospital_films(tmp_path):
+    root = copy_sample(tmp_path / "data", SAMPLE_IDS[:2], masks=False)
+    sources = sorted(str(p) for p in (root / "images").iterdir())
+    folder = replicate(sources, 3, tmp_path / "films", size=1024)
+    films = sorted(folder.iterdir())
+    assert [p.name for p in films] == ["x000000.png", "x000001.png", "x000002.png"]
+    import cv2
+
+    assert cv2.imread(str(films[2]), cv2.IMREAD_UNCHANGED).shape == (1024, 1024)
+    assert films[0].read_bytes() == films[2].read_bytes()
+
+
+def test_stage_costs_sum_to_a_ceiling():
+    costs = StageCosts(decode=30.0, preprocess=5.0, model=45.0, write=20.0)
+    assert costs.total == 100.0
+    assert costs.ceiling(2) == 20.0  # two cores, 100 core-ms per image
+
+
 @pytest.mark.usefixtures("local_ray")
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(600)
 def test_benchmark_runs_every_stage_at_tiny_sizes(tmp_path, model_path):
     root = copy_sample(tmp_path / "data", SAMPLE_IDS[:2])
     result = run_benchmark(
@@ -70,7 +89,10 @@ def test_benchmark_runs_every_stage_at_tiny_sizes(tmp_path, model_path):
             input=str(root),
             output=str(tmp_path / "out"),
             model=model_path,
+            films=8,
+            film_size=1024,
             images=8,
+            preprocess_images=8,
             memory_images=(4, 8),
             train_images=4,
             train_model=ModelConfig(size=64, base_filters=4, depth=2),
@@ -79,10 +101,30 @@ def test_benchmark_runs_every_stage_at_tiny_sizes(tmp_path, model_path):
         )
     )
     saved = json.loads(Path(result.json).read_text())
-    assert [row["stage"] for row in saved["rows"]] == list(BENCHMARK_STAGES)
+    stages = [row["stage"] for row in saved["rows"]]
+    assert stages == [
+        "hospital films (1024 px), whole process",
+        "hospital films (1024 px), in process",
+        "inference (512 px films), whole process",
+        "preprocessing",
+        "training",
+        "memory",
+    ]
     for row in saved["rows"]:
         assert row["baseline_value"] > 0 and row["value"] > 0 and row["ratio"] > 0
         assert isinstance(row["met"], bool) and row["goal"][:2] in (">=", "<=")
+        assert 0 <= row["idle"] <= 1
+    films = [row for row in saved["rows"] if "films" in row["stage"]]
+    assert all(
+        row["ceiling"] > 0 and row["share"] == round(row["value"] / row["ceiling"], 2)
+        for row in films
+    )
+    for costs in saved["costs"].values():
+        for side in ("pipeline", "loop"):
+            assert costs[side]["total"] == pytest.approx(
+                sum(costs[side][s] for s in ("decode", "preprocess", "model", "write"))
+            )
     assert saved["model"]["gflops_per_image"] > 0 and saved["machine"]["matmul_gflops"] > 0
     table = format_table(result)
-    assert all(f"| {stage} |" in table for stage in BENCHMARK_STAGES)
+    assert all(f"| {stage} |" in table for stage in stages)
+    assert "| ceiling on 2 cores |" in table

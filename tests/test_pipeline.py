@@ -1,4 +1,5 @@
-"""The preprocessing actor stage on a real local Ray, with real and broken files."""
+"""Sizing the actor pools for any node, and the preprocessing actor stage on a real local Ray,
+with real and broken files."""
 
 from __future__ import annotations
 
@@ -7,19 +8,66 @@ import numpy as np
 import pytest
 
 from lungseg import catalog, pipeline
+from lungseg.errors import UserError
 from lungseg.layout import ERROR, OK
 from tests.conftest import SAMPLE_IDS, copy_sample
 
-pytestmark = [pytest.mark.usefixtures("local_ray"), pytest.mark.timeout(180)]
+Pool = pipeline.Pool
 
 
-def test_budget_leaves_cpus_for_ray_data_tasks():
-    budget = pipeline.CpuBudget.for_cluster(workers=2, actors=2)
-    # 2 CPUs: half to the two workers, a third of the other half to each of two actors.
-    assert budget == pipeline.CpuBudget(worker=0.5, actor=0.33)
-    assert 2 * budget.worker + 2 * budget.actor < 2
+@pytest.mark.parametrize(
+    ("cpus", "gpus", "use_gpu", "preprocess", "model"),
+    [
+        # A 2-core laptop: one model actor on 1.2 CPUs (2 TensorFlow threads, writing the
+        # masks), one preprocessing actor on the rest.
+        (2, 0, False, Pool(1, 1, 0.8), Pool(1, 1, 1.2, threads=2, calls=2)),
+        # A 16-core node: two model actors on 60% of the cores, 6 preprocessing actors at most.
+        (16, 0, False, Pool(1, 6, 1.0), Pool(2, 2, 4.8, threads=5, calls=2)),
+        # 16 cores and a GPU: the GPU's actor writes nothing itself; 15 CPUs to preprocessing.
+        (16, 1, True, Pool(1, 15, 1.0), Pool(1, 1, 1.0, gpus=1, threads=2, calls=2)),
+        # A 64-core node with 4 GPUs: an actor per GPU, 60 preprocessing actors at most.
+        (64, 4, True, Pool(1, 60, 1.0), Pool(4, 4, 1.0, gpus=1, threads=2, calls=2)),
+    ],
+)
+def test_pools_fit_the_node(cpus, gpus, use_gpu, preprocess, model):
+    pools = pipeline.segment_pools(cpus, gpus, use_gpu)
+    assert pools == (preprocess, model)
+    assert pools[0].size_cpus() + pools[1].size_cpus() <= cpus + 1e-9  # never more than there is
 
 
+def test_given_sizes_are_fixed_and_a_missing_gpu_is_named():
+    preprocess, model = pipeline.segment_pools(16, 0, False, model_actors=1, preprocess_actors=3)
+    assert (preprocess.min_size, preprocess.max_size, model.max_size) == (3, 3, 1)
+    assert model.cpus == 9.6 and model.threads == 10
+    with pytest.raises(UserError, match="--gpu asks for GPUs, but this Ray cluster has none"):
+        pipeline.segment_pools(8, 0, True)
+
+
+def test_training_workers_leave_half_the_cpus_to_ray_data():
+    assert pipeline.train_worker_cpus(2, 2) == 0.5
+    assert pipeline.train_worker_cpus(16, 4) == 2.0
+    assert pipeline.train_worker_cpus(16, 4, given=3.0) == 3.0
+
+
+@pytest.mark.parametrize(
+    ("flags", "use_gpu", "precision"),
+    [
+        ("fpu avx2 avx512f avx512_bf16", False, "bfloat16"),
+        ("fpu avx2 amx_bf16 amx_tile", False, "bfloat16"),
+        ("fpu avx2 avx512f", False, "float32"),
+        ("fpu avx2", True, "bfloat16"),
+    ],
+)
+def test_auto_precision_follows_the_hardware(tmp_path, flags, use_gpu, precision):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(f"processor\t: 0\nflags\t\t: {flags}\n")
+    assert pipeline.resolve_precision("auto", use_gpu, str(cpuinfo)) == precision
+    assert pipeline.resolve_precision("float32", use_gpu, str(cpuinfo)) == "float32"
+    assert pipeline.resolve_precision("auto", False, str(tmp_path / "none")) == "float32"
+
+
+@pytest.mark.usefixtures("local_ray")
+@pytest.mark.timeout(180)
 def test_preprocess_sample_and_bad_files(tmp_path):
     root = copy_sample(tmp_path, SAMPLE_IDS[:3])
     (root / "images" / "broken.png").write_bytes(b"this is text, not a PNG")
@@ -30,7 +78,7 @@ def test_preprocess_sample_and_bad_files(tmp_path):
     found = catalog.find_cases(str(root))
     rows = {
         row["id"]: row
-        for row in pipeline.preprocessed(found.cases, size=64, actors=2, actor_cpus=0.25)
+        for row in pipeline.preprocessed(found.cases, 64, Pool(1, 2, 0.25), train=True)
         .materialize()
         .take_all()
     }
