@@ -306,8 +306,8 @@ def _clean(
     config: CleanConfig, cases: Sequence[catalog.Case], store: Store, progress: Progress
 ) -> CleanSummary:
     res = config.resources
-    cpus, _ = pipeline.cluster_resources()
-    pool = pipeline.preprocess_pool(cpus, 0, res.preprocess_actors, res.actor_cpus)
+    cpus, _, node_cpus = pipeline.cluster_resources()
+    pool = pipeline.preprocess_pool(cpus, 0, res.preprocess_actors, res.actor_cpus, node_cpus)
     batch_size = pipeline.task_batch(len(cases), pool.max_size, config.batch_size)
     rows = pipeline.case_dataset(cases, batch_size).map_batches(
         Cleaner,

@@ -334,9 +334,15 @@ def _segment(
     if resume:
         logger.info("resume: %d images done by an earlier run, %d to segment", len(kept), len(todo))
     res = config.resources
-    cpus, gpus = pipeline.cluster_resources()
+    cpus, gpus, node_cpus = pipeline.cluster_resources()
     preprocess, models = pipeline.segment_pools(
-        cpus, gpus, res.use_gpu, config.segment_actors, res.preprocess_actors, res.actor_cpus
+        cpus,
+        gpus,
+        res.use_gpu,
+        config.segment_actors,
+        res.preprocess_actors,
+        res.actor_cpus,
+        node_cpus,
     )
     write = {
         "output": config.output,

@@ -244,9 +244,9 @@ def _train(
 
     fs, path = store.resolve(config.output)
     res = config.resources
-    cpus, _ = pipeline.cluster_resources()
+    cpus, _, node_cpus = pipeline.cluster_resources()
     # The data is read before the workers start: preprocessing may have every CPU.
-    pool = pipeline.preprocess_pool(cpus, 0, res.preprocess_actors, res.actor_cpus)
+    pool = pipeline.preprocess_pool(cpus, 0, res.preprocess_actors, res.actor_cpus, node_cpus)
     datasets = {}
     progress.start("read", sum(len(cases) for cases in parts.values()))
     for name, cases in parts.items():
@@ -268,7 +268,9 @@ def _train(
             num_workers=config.workers,
             use_gpu=res.use_gpu,
             resources_per_worker={
-                "CPU": pipeline.train_worker_cpus(cpus, config.workers, config.worker_cpus)
+                "CPU": pipeline.train_worker_cpus(
+                    cpus, config.workers, config.worker_cpus, node_cpus
+                )
             },
         ),
         datasets=datasets,

@@ -359,8 +359,12 @@ def test_jobs_on_a_two_node_cluster(cluster, s3, s3_endpoint):
         endpoint,
     )
     assert done.returncode == 0, done.stdout[-5000:] + done.stderr[-2000:]
-    assert "segmented 8 images (0 flagged, 0 failed)" in done.stdout
+    # One epoch on six films: quality control may flag some masks, but none may fail.
+    summary = re.search(r"segmented 8 images \((\d+) flagged, 0 failed\)", done.stdout)
+    assert summary, done.stdout[-5000:]
     fs, path = Store(s3_endpoint).resolve("s3://cluster-runs/segment/exp1/segmentation.parquet")
     rows = pq.read_table(path, filesystem=fs).to_pylist()
     assert sorted(r["id"] for r in rows) == SAMPLE_IDS[:8]
-    assert all(r["status"] == "ok" and r["mask"].startswith("s3://cluster-runs/") for r in rows)
+    assert sum(r["status"] == "flagged" for r in rows) == int(summary.group(1))
+    assert all(r["status"] in ("ok", "flagged") for r in rows)
+    assert all(r["mask"].startswith("s3://cluster-runs/") for r in rows)

@@ -20,19 +20,32 @@ Pool = pipeline.Pool
     [
         # A 2-core laptop: one model actor on 1.2 CPUs (2 TensorFlow threads, writing the
         # masks), one preprocessing actor on the rest.
-        (2, 0, False, Pool(1, 1, 0.8), Pool(1, 1, 1.2, threads=2, calls=2)),
+        (2, 0, False, Pool(1, 1, 0.8, initial=1), Pool(1, 1, 1.2, threads=2, calls=2)),
         # A 16-core node: two model actors on 60% of the cores, 6 preprocessing actors at most.
-        (16, 0, False, Pool(1, 6, 1.0), Pool(2, 2, 4.8, threads=5, calls=2)),
+        (16, 0, False, Pool(1, 6, 1.0, initial=1), Pool(2, 2, 4.8, threads=5, calls=2)),
         # 16 cores and a GPU: the GPU's actor writes nothing itself; 15 CPUs to preprocessing.
-        (16, 1, True, Pool(1, 15, 1.0), Pool(1, 1, 1.0, gpus=1, threads=2, calls=2)),
+        (16, 1, True, Pool(1, 15, 1.0, initial=1), Pool(1, 1, 1.0, gpus=1, threads=2, calls=2)),
         # A 64-core node with 4 GPUs: an actor per GPU, 60 preprocessing actors at most.
-        (64, 4, True, Pool(1, 60, 1.0), Pool(4, 4, 1.0, gpus=1, threads=2, calls=2)),
+        (64, 4, True, Pool(1, 60, 1.0, initial=1), Pool(4, 4, 1.0, gpus=1, threads=2, calls=2)),
     ],
 )
 def test_pools_fit_the_node(cpus, gpus, use_gpu, preprocess, model):
     pools = pipeline.segment_pools(cpus, gpus, use_gpu)
     assert pools == (preprocess, model)
     assert pools[0].size_cpus() + pools[1].size_cpus() <= cpus + 1e-9  # never more than there is
+
+
+def test_no_actor_declares_more_than_a_node_has():
+    # Two 3-CPU nodes (tests/test_cluster.py): a 3.6-CPU model actor would never start.
+    preprocess, model = pipeline.segment_pools(6, 0, False, node_cpus=3)
+    assert model == Pool(2, 2, 1.8, threads=2, calls=2)
+    # An upper bound: the pool grows only by actors that start (two here, one beside each).
+    assert preprocess == Pool(1, 3, 0.8, initial=1)
+    # Four 16-core nodes: eight model actors of 4.8 CPUs, three to a node.
+    preprocess, model = pipeline.segment_pools(64, 0, False, node_cpus=16)
+    assert (model.max_size, model.cpus, preprocess.cpus) == (8, 4.8, 1.0)
+    # A fixed single actor on a cluster of small nodes still fits on one of them.
+    assert pipeline.segment_pools(6, 0, False, model_actors=1, node_cpus=3)[1].cpus == 1.8
 
 
 def test_given_sizes_are_fixed_and_a_missing_gpu_is_named():
@@ -43,10 +56,18 @@ def test_given_sizes_are_fixed_and_a_missing_gpu_is_named():
         pipeline.segment_pools(8, 0, True)
 
 
+def test_a_preprocessing_pool_alone_starts_at_full_size():
+    assert pipeline.preprocess_pool(2) == Pool(1, 2, 0.8, initial=2)
+    assert pipeline.preprocess_pool(16) == Pool(1, 16, 1.0, initial=16)
+    assert pipeline.preprocess_pool(16, actors=3) == Pool(3, 3, 1.0, initial=3)
+
+
 def test_training_workers_leave_half_the_cpus_to_ray_data():
     assert pipeline.train_worker_cpus(2, 2) == 0.5
     assert pipeline.train_worker_cpus(16, 4) == 2.0
     assert pipeline.train_worker_cpus(16, 4, given=3.0) == 3.0
+    # Two 3-CPU nodes and one worker: at most half of one node, not half of both.
+    assert pipeline.train_worker_cpus(6, 1, node_cpus=3) == 1.5
 
 
 @pytest.mark.parametrize(

@@ -253,7 +253,7 @@ def _ray_epoch(config: BenchmarkConfig, images, masks, work: Path) -> float:
         augment=False,
         patience=0,
     )
-    cpus, _ = pipeline.cluster_resources()
+    cpus = pipeline.cluster_resources()[0]
     trainer = TensorflowTrainer(
         train.train_loop_per_worker,
         train_loop_config=train.loop_config(TrainConfig(workers=1, recipe=recipe)),
