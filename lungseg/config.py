@@ -15,6 +15,8 @@ BUNDLED_MODEL = str(files("lungseg") / "models" / "lungseg-unet256.keras")
 """The pretrained U-Net packaged with lungseg (see the README's model card): segment's default."""
 BUNDLED_SPLIT = str(files("lungseg") / "models" / "split.json")
 """The train/validation split of the 604 cxr-lungs ids that the bundled model was trained on."""
+BUNDLED_PROVENANCE = str(files("lungseg") / "models" / "lungseg-unet256.provenance.json")
+"""What made the bundled weights: recipe, split, selected epoch, their SHA-256."""
 
 PREPROCESS_BATCH = 128
 """Most images per preprocessing task. Each Ray Data task costs scheduling, a block in the
@@ -268,7 +270,7 @@ class ReportConfig:
 
 
 DEFAULT_BENCHMARK_OUTPUT = "out/benchmark"
-BENCHMARK_STAGES = ("hospital", "inference", "preprocessing", "training", "memory")
+BENCHMARK_STAGES = ("hospital", "inference", "preprocessing", "memory", "training")
 
 
 @dataclass(frozen=True)

@@ -10,8 +10,17 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from lungseg.config import BUNDLED_MODEL, BUNDLED_SPLIT, SAMPLE, SegmentConfig
+from lungseg import recipe
+from lungseg.config import (
+    BUNDLED_MODEL,
+    BUNDLED_PROVENANCE,
+    BUNDLED_SPLIT,
+    SAMPLE,
+    RecipeConfig,
+    SegmentConfig,
+)
 from lungseg.evaluate import run_evaluation
+from lungseg.modelfile import describe
 from tests.conftest import SAMPLE_IDS, labelled_config
 
 # Measured on 2026-11-27: mean Dice 0.9713, lowest 0.8780 (MCUCXR_0126_1) on the 16 sample
@@ -27,6 +36,18 @@ def test_bundled_files_ship_inside_the_package():
     assert not set(split["train"]) & set(split["val"])
     assert len(split["train"]) + len(split["val"]) == 604
     assert set(SAMPLE_IDS) <= set(split["val"]), "the sample must be held out"
+
+
+def test_the_provenance_beside_the_bundled_weights_is_theirs():
+    record = json.loads(Path(BUNDLED_PROVENANCE).read_text())
+    assert record["model_sha256"] == describe(Path(BUNDLED_MODEL).read_bytes()).sha256
+    split = json.loads(Path(BUNDLED_SPLIT).read_text())
+    assert record["split"] == {"train": sorted(split["train"]), "val": sorted(split["val"])}
+    assert RecipeConfig(**{**record["recipe"], "model": RecipeConfig().model}).epochs == 150
+    # The epoch was chosen by the rule that every trainer now shares.
+    rule = recipe.provenance(RecipeConfig(), {}, [], "", "", "")["selection"]
+    assert record["selection"] == rule
+    assert 1 <= record["selected_epoch"] <= record["recipe"]["epochs"]
 
 
 @pytest.mark.usefixtures("local_ray")
