@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -107,8 +108,8 @@ def test_benchmark_runs_every_stage_at_tiny_sizes(tmp_path, model_path):
         "hospital films (1024 px), in process",
         "inference (512 px films), whole process",
         "preprocessing",
-        "training",
         "memory",
+        "training",
     ]
     for row in saved["rows"]:
         assert row["baseline_value"] > 0 and row["value"] > 0 and row["ratio"] > 0
@@ -128,3 +129,6 @@ def test_benchmark_runs_every_stage_at_tiny_sizes(tmp_path, model_path):
     table = format_table(result)
     assert all(f"| {stage} |" in table for stage in stages)
     assert "| ceiling on 2 cores |" in table
+    # Without the segment stages (--stages preprocessing,memory) there is no step table.
+    alone = format_table(dataclasses.replace(result, rows=result.rows[3:], costs={}))
+    assert "| preprocessing |" in alone and "core-ms per image |" not in alone

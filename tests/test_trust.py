@@ -28,6 +28,7 @@ from lungseg import catalog, imaging, outputs, qc
 from lungseg.clean import run_cleaning
 from lungseg.cli import EXIT_USAGE
 from lungseg.config import (
+    AUTO,
     BUNDLED_MODEL,
     CleanConfig,
     ModelConfig,
@@ -38,6 +39,7 @@ from lungseg.config import (
 from lungseg.errors import UserError
 from lungseg.fit import run_fit
 from lungseg.layout import LOCK_FILE, MANIFEST_FILE
+from lungseg.pipeline import resolve_precision
 from lungseg.segment import run_segmentation
 from lungseg.storage import DEFAULT_STORE
 from tests.conftest import SAMPLE_IDS, copy_sample, labelled_config
@@ -84,6 +86,8 @@ def test_1_the_overlap_check_sees_through_links_and_spares_siblings(tmp_path):
 
 # 2, 5. --------------------------------------------- manifests, --resume and --overwrite
 
+AUTO_PRECISION = resolve_precision(AUTO, use_gpu=False)
+
 
 @pytest.fixture(scope="module")
 def earlier_run(tmp_path_factory, local_ray, model_path) -> tuple[Path, SegmentConfig]:
@@ -105,7 +109,8 @@ def test_2_the_manifest_says_what_made_the_output(earlier_run, model_path):
 
     assert settings["model_sha256"] == describe(Path(model_path).read_bytes()).sha256
     assert settings["model_input_size"] == 256
-    assert (settings["threshold"], settings["precision"]) == (0.5, "float32")
+    # The default, auto, is recorded as what it became on this machine.
+    assert (settings["threshold"], settings["precision"]) == (0.5, AUTO_PRECISION)
     assert settings["masks"] == config.masks and settings["input"] == config.input
     assert not (out / LOCK_FILE).exists(), "the lock goes with the job"
 
@@ -114,7 +119,7 @@ def test_2_the_manifest_says_what_made_the_output(earlier_run, model_path):
     ("change", "named"),
     [
         ({"threshold": 0.6}, "threshold: 0.5 -> 0.6"),
-        ({"precision": "bfloat16"}, "precision: 'float32' -> 'bfloat16'"),
+        ({"precision": "float16"}, f"precision: '{AUTO_PRECISION}' -> 'float16'"),
         ({"model": BUNDLED_MODEL}, "model_sha256"),
         ({"masks": None}, "masks: "),
     ],

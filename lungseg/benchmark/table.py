@@ -100,21 +100,9 @@ def format_table(result: BenchmarkResult) -> str:
             f"| {r.baseline_cores:.2f} / {r.cores:.2f} | {r.idle:.0%} | {ceiling} | {share} "
             f"| {r.note} |"
         )
-    cores = result.machine["ray_cpus"]
-    lines += [
-        "",
-        f"| step, core-ms per image | {' | '.join(result.costs)} |",
-        f"| --- | {' | '.join('---' for _ in result.costs)} |",
-    ]
-    for step in ("decode", "preprocess", "model", "write", "total"):
-        cells = " | ".join(
-            f"{c['pipeline'][step]:.1f} (loop {c['loop'][step]:.1f})" for c in result.costs.values()
-        )
-        lines.append(f"| {step} | {cells} |")
-    ceilings = " | ".join(
-        f"{cores * 1000 / c['pipeline']['total']:.1f} images/s" for c in result.costs.values()
-    )
-    lines += [f"| ceiling on {cores:g} cores | {ceilings} |", ""]
+    lines.append("")
+    if result.costs:  # only the segment stages measure steps
+        lines += step_costs(result.costs, result.machine["ray_cpus"])
     lines.extend(f"Ray side, {r.stage}: {r.profile}" for r in result.rows)
     m, model = result.machine, result.model
     lines.append(
@@ -128,3 +116,21 @@ def format_table(result: BenchmarkResult) -> str:
         f"{model['precision']}, loop precision float32"
     )
     return "\n".join(lines)
+
+
+def step_costs(costs: dict[str, dict[str, dict[str, float]]], cores: float) -> list[str]:
+    """The table of each step's core-ms per image (pipeline and loop) and the ceiling they
+    imply on ``cores``."""
+    lines = [
+        f"| step, core-ms per image | {' | '.join(costs)} |",
+        f"| --- | {' | '.join('---' for _ in costs)} |",
+    ]
+    for step in ("decode", "preprocess", "model", "write", "total"):
+        cells = " | ".join(
+            f"{c['pipeline'][step]:.1f} (loop {c['loop'][step]:.1f})" for c in costs.values()
+        )
+        lines.append(f"| {step} | {cells} |")
+    ceilings = " | ".join(
+        f"{cores * 1000 / c['pipeline']['total']:.1f} images/s" for c in costs.values()
+    )
+    return [*lines, f"| ceiling on {cores:g} cores | {ceilings} |", ""]
