@@ -158,6 +158,10 @@ def _figures(figures: dict[str, float | None]) -> str:
     return ", ".join(f"{name} {value:.4f}" for name, value in figures.items() if value is not None)
 
 
+RATE_AFTER = 1.0
+"""Seconds of counted work before a rate is shown: two batches done at once are no rate."""
+
+
 class ConsoleProgress(Progress):
     """A stage's progress on the console: a tqdm bar on a terminal; elsewhere (``ray job logs``,
     a file, a pipe) a plain line at each tenth of the stage and at least every ``every``
@@ -206,7 +210,7 @@ class ConsoleProgress(Progress):
         """The stage's state as one line: done of total, rate, time left, errors, figures."""
         parts = [f"{self.stage}: {self.done}/{self.total} {self.unit}"]
         counted, elapsed = self.done - self.first_done, now - (self.first or now)
-        if counted > 0 and elapsed > 0:
+        if counted > 0 and elapsed >= RATE_AFTER:
             rate = counted / elapsed
             one = self.unit.rstrip("s")
             parts.append(f"{rate:.1f} {self.unit}/s" if rate >= 1 else f"{1 / rate:.0f} s/{one}")

@@ -3,6 +3,7 @@ dataclasses, a user's mistake in one line with exit status 2, documented exit st
 
 from __future__ import annotations
 
+import io
 import os
 import subprocess
 import sys
@@ -19,6 +20,7 @@ from lungseg.config import (
     SegmentConfig,
     TrainConfig,
 )
+from lungseg.console import ConsoleProgress
 from tests.conftest import SAMPLE_IDS, copy_sample
 
 REPO = Path(__file__).resolve().parents[1]
@@ -180,3 +182,15 @@ def test_quiet_and_verbose_exclude_each_other(capsys):
         build_parser().parse_args(["segment", "-q", "-v"])
     assert exited.value.code == EXIT_USAGE
     assert "not allowed with argument" in capsys.readouterr().err
+
+
+def test_progress_lines_show_a_rate_only_over_a_second_of_work():
+    progress = ConsoleProgress(io.StringIO(), every=1e9)
+    progress.start("segment", 30)
+    progress.advance(10)  # the first batch: rates count from here
+    progress.advance(10, failed=1)
+    assert progress.line(progress.first + 0.5) == "segment: 20/30 images, 1 errors"
+    assert progress.line(progress.first + 2.0) == (
+        "segment: 20/30 images, 5.0 images/s, 2 s left, 1 errors"
+    )
+    assert progress.stream.getvalue().splitlines()[0].startswith("segment: 10/30 images")
