@@ -7,7 +7,6 @@ and preprocessed in this process, by the same :class:`lungseg.preprocess.Preproc
 
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -22,10 +21,8 @@ from lungseg.layout import ERROR, OK
 from lungseg.model import bce_dice_loss, build_unet, dice_per_image, iou_per_image, to_bytes
 from lungseg.preprocess import Preprocess, case_records
 from lungseg.progress import Progress
-from lungseg.runfolder import TrainResult, claim_run, finish_run, read_data, write_data_table
+from lungseg.runfolder import TrainResult, finish_run, train_in_folder, write_data_table
 from lungseg.storage import Store
-
-logger = logging.getLogger(__name__)
 
 
 class EpochBatches(keras.utils.PyDataset):
@@ -137,15 +134,12 @@ def run_fit(config: TrainConfig, progress: Progress | None = None) -> TrainResul
     does (no checkpoints: a single-process run does not resume)."""
     progress = progress or Progress()
     store = Store.for_job(config.s3_endpoint)
-    found, parts, rows = read_data(config, store)
-    with claim_run(config, store, parts) as claim:
-        if claim.resumed:
-            logger.warning("a single-process run does not resume: training %s anew", config.output)
-        result = _fit(config, store, found, parts, rows, progress)
-        claim.write_manifest(
-            state="complete", epochs=len(result.history), selected_epoch=result.best_epoch
-        )
-    return result
+    return train_in_folder(
+        config,
+        store,
+        lambda found, parts, rows: _fit(config, store, found, parts, rows, progress),
+        resumes=False,
+    )
 
 
 def _fit(

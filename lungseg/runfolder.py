@@ -8,6 +8,7 @@ import hashlib
 import json
 import logging
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import pyarrow as pa
@@ -148,7 +149,28 @@ def finish_run(
     )
 
 
-def claim_run(config: TrainConfig, store: Store, parts: dict[str, tuple[catalog.Case, ...]]):
+Trainer = Callable[[catalog.Catalog, dict[str, tuple[catalog.Case, ...]], list[dict]], TrainResult]
+"""Trains on what :func:`read_data` found: the catalog, the split's cases and the data rows."""
+
+
+def train_in_folder(
+    config: TrainConfig, store: Store, trainer: Trainer, resumes: bool = True
+) -> TrainResult:
+    """Read the data, hold the run folder (:func:`_claim`) while ``trainer`` trains into it,
+    and mark the run complete in its manifest. A trainer that does not resume (``resumes``)
+    trains an unfinished run anew, saying so."""
+    found, parts, rows = read_data(config, store)
+    with _claim(config, store, parts) as claim:
+        if claim.resumed and not resumes:
+            logger.warning("a single-process run does not resume: training %s anew", config.output)
+        result = trainer(found, parts, rows)
+        claim.write_manifest(
+            state="complete", epochs=len(result.history), selected_epoch=result.best_epoch
+        )
+    return result
+
+
+def _claim(config: TrainConfig, store: Store, parts: dict[str, tuple[catalog.Case, ...]]):
     """Hold the run folder for this run (:func:`lungseg.outputs.claimed`): a folder that holds
     a run of other data, split, model shape or recipe is refused (``--epochs`` and
     ``--patience`` may change: they say how long to go on); the same run is continued."""

@@ -32,7 +32,7 @@ from lungseg.config import RecipeConfig, TrainConfig
 from lungseg.errors import UserError
 from lungseg.layout import ERROR, OK
 from lungseg.progress import Progress
-from lungseg.runfolder import TrainResult, claim_run, finish_run, read_data, write_data_table
+from lungseg.runfolder import TrainResult, finish_run, train_in_folder, write_data_table
 from lungseg.storage import Store
 
 logger = logging.getLogger(__name__)
@@ -214,7 +214,7 @@ def run_training(config: TrainConfig, progress: Progress | None = None) -> Train
     readable validation pair; with fewer it stops, naming the failed pairs. A worker that dies
     restarts the run from its last checkpoint, up to :data:`MAX_FAILURES` times; rerunning with
     the same ``output`` resumes from the last checkpoint too (the same run only:
-    :func:`lungseg.runfolder.claim_run`).
+    :func:`lungseg.runfolder.train_in_folder`).
     """
     progress = progress or Progress()
     store = Store.for_job(config.s3_endpoint)
@@ -222,13 +222,11 @@ def run_training(config: TrainConfig, progress: Progress | None = None) -> Train
     storage.check_shared(config.output, nodes, config.allow_local_output)
     if not os.path.dirname(store.resolve(config.output)[1]):
         raise UserError(f"--output must be a folder inside a bucket: {config.output}")
-    found, parts, rows = read_data(config, store)
-    with claim_run(config, store, parts) as claim:
-        result = _train(config, store, found, parts, rows, progress)
-        claim.write_manifest(
-            state="complete", epochs=len(result.history), selected_epoch=result.best_epoch
-        )
-    return result
+    return train_in_folder(
+        config,
+        store,
+        lambda found, parts, rows: _train(config, store, found, parts, rows, progress),
+    )
 
 
 def _train(
