@@ -17,6 +17,7 @@ NO_TRUTH = "no ground-truth mask found: not scored"
 # segment and evaluate
 SEGMENT_TABLE = "segmentation.parquet"
 MASKS_DIR = "masks"
+LABELS_DIR = "labels"
 OVERLAYS_DIR = "overlays"
 SUMMARY_FILE = "summary.json"
 # report (beside a segment output)

@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 
+import cv2
 import numpy as np
 import pyarrow as pa
 
@@ -27,6 +28,7 @@ from lungseg.config import SegmentConfig
 from lungseg.layout import (
     ERROR,
     FLAGGED,
+    LABELS_DIR,
     MASKS_DIR,
     NO_TRUTH,
     OK,
@@ -48,6 +50,7 @@ SCHEMA = pa.schema(
         ("id", pa.string()),
         ("source", pa.string()),
         ("mask", pa.string()),
+        ("labels", pa.string()),
         ("overlay", pa.string()),
         ("height", pa.int32()),
         ("width", pa.int32()),
@@ -57,6 +60,10 @@ SCHEMA = pa.schema(
         ("spacing_col_mm", pa.float64()),
         ("lung_fraction", pa.float64()),
         ("lung_area_mm2", pa.float64()),
+        ("right_lung_fraction", pa.float64()),
+        ("left_lung_fraction", pa.float64()),
+        ("right_lung_area_mm2", pa.float64()),
+        ("left_lung_area_mm2", pa.float64()),
         ("tp", pa.int64()),
         ("fp", pa.int64()),
         ("fn", pa.int64()),
@@ -192,8 +199,10 @@ def write_row(
     (and overlay), score it: its table row, never an exception.
 
     Files are named by the case's output name (:func:`lungseg.catalog.output_name`):
-    ``masks/<name>.png``. ``lung_area_mm2`` is the lung pixel count times the pixel area (row x
-    column spacing), null where the spacing is unknown. With ``overlays`` (the batch then has
+    ``masks/<name>.png`` (0/255) and ``labels/<name>.png`` (0, 1 the patient's right lung, 2 the
+    left: :func:`lungseg.imaging.lung_labels`). ``lung_area_mm2`` (and its ``right_``/``left_``
+    parts) is the pixel count times the pixel area (row x column spacing), null where the
+    spacing is unknown. With ``overlays`` (the batch then has
     ``display_png``), the overlay goes to ``overlays/<name>.png``. An implausible mask
     (:func:`lungseg.qc.implausible`: no lung, one lung, far too much or too little) is
     ``flagged`` with the reasons in ``error``, as is, with ``truth_required`` (ground-truth
@@ -209,20 +218,21 @@ def write_row(
         mask = imaging.resize_mask(small, height, width)
         uri = storage.join(output, f"{MASKS_DIR}/{name}.png")
         store.write_bytes(uri, imaging.encode_png(mask))
+        split = imaging.lungs_split(small)
+        labels_uri = storage.join(output, f"{LABELS_DIR}/{name}.png")
+        store.write_bytes(labels_uri, imaging.encode_image(imaging.lung_labels(mask, split)))
+        right = imaging.right_columns(width, split)
+        pixels = {"": cv2.countNonZero(mask), "right_": cv2.countNonZero(mask[:, :right])}
+        pixels["left_"] = pixels[""] - pixels["right_"]
         header = _header(batch, i)
-        row = _row(
-            case_id,
-            source,
-            OK,
-            mask=uri,
-            height=height,
-            width=width,
-            lung_fraction=float(mask.mean()),
-            **header,
-        )
+        row = _row(case_id, source, OK, mask=uri, labels=labels_uri, height=height, width=width)
+        row |= header
+        pixel_mm2 = None
         if header["spacing_row_mm"] is not None and header["spacing_col_mm"] is not None:
             pixel_mm2 = header["spacing_row_mm"] * header["spacing_col_mm"]
-            row["lung_area_mm2"] = int(mask.sum()) * pixel_mm2
+        for side, count in pixels.items():
+            row[f"{side}lung_fraction"] = count / (height * width)
+            row[f"{side}lung_area_mm2"] = None if pixel_mm2 is None else count * pixel_mm2
         truth = None
         if batch["has_truth"][i]:
             truth = imaging.binarise(imaging.decode(batch["truth_png"][i], "truth"))
@@ -251,6 +261,7 @@ MAKES = (
     SEGMENT_TABLE,
     SEGMENT_TABLE + table.JOURNAL_SUFFIX,
     MASKS_DIR,
+    LABELS_DIR,
     OVERLAYS_DIR,
     SUMMARY_FILE,
     REPORT_FILE,
@@ -424,5 +435,6 @@ def _resumable(
         if sources.get(row["id"]) == row["source"]
         and row["status"] != ERROR
         and exists(row["mask"])
+        and exists(row["labels"])
         and (exists(row["overlay"]) if config.overlays else row["overlay"] is None)
     ]

@@ -6,6 +6,7 @@ import json
 import statistics
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
@@ -77,6 +78,18 @@ def test_bundled_model_segments_the_sample_and_summary_matches_parquet(tmp_path)
     assert summary["failed"] == [] and summary["unscored"] == []
     assert overall["dice"]["mean"] >= MEAN_DICE_FLOOR, overall
     assert overall["dice"]["min"] >= MIN_DICE_FLOOR, summary["worst"][:3]
+
+    for row in rows:  # the patient's right lung (1) on the image's left, each a real share
+        labels = cv2.imread(row["labels"], cv2.IMREAD_UNCHANGED)
+        mask = cv2.imread(row["mask"], cv2.IMREAD_UNCHANGED)
+        assert labels.shape == mask.shape == (row["height"], row["width"])
+        assert ((labels > 0) == (mask > 0)).all() and set(np.unique(labels)) == {0, 1, 2}
+        columns = np.nonzero(labels)[1], labels[labels > 0]
+        assert columns[0][columns[1] == 1].mean() < columns[0][columns[1] == 2].mean()
+        right, left = row["right_lung_fraction"], row["left_lung_fraction"]
+        assert right + left == pytest.approx(row["lung_fraction"])
+        assert right == (labels == 1).mean() and 0.3 < right / (right + left) < 0.7, row["id"]
+        assert row["right_lung_area_mm2"] is None  # PNGs carry no pixel spacing
 
 
 @pytest.mark.usefixtures("local_ray")

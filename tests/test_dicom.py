@@ -360,6 +360,8 @@ def test_segment_dicom_end_to_end(tmp_path: Path, model_path: str) -> None:
             assert row["lung_area_mm2"] is None
         else:
             assert row["lung_area_mm2"] == int((mask > 0).sum()) * (row_mm * col_mm)
+            sides = row["right_lung_area_mm2"] + row["left_lung_area_mm2"]
+            assert sides == pytest.approx(row["lung_area_mm2"])
         written[case_id] = mask
     assert rows["square"]["dice"] is not None and rows["IM000001"]["dice"] is None
     # Every encoding of the wide picture gave the model the same input: the same mask.

@@ -16,6 +16,8 @@ from lungseg.imaging import (
     keep_largest,
     load_image,
     load_mask,
+    lung_labels,
+    lungs_split,
     merge_masks,
     normalise,
     postprocess,
@@ -455,3 +457,37 @@ def test_augment_is_seeded_and_keeps_a_binary_mask_aligned():
     # The square moved with the mask: its pixels stay brighter than the background around it.
     assert out_image[out_mask == 1].mean() > out_image[out_mask == 0].mean() + 100
     assert 0.75 * mask.sum() < out_mask.sum() < 1.3 * mask.sum()
+
+
+def test_lungs_part_midway_between_the_two_components():
+    mask = np.zeros((4, 10), np.uint8)
+    mask[1:3, 1:3] = 1  # columns 1-2: the image's left, the patient's right lung
+    mask[1:4, 6:9] = 1  # columns 6-8
+    assert lungs_split(mask) == 0.45  # (3 + 6) / 2 / 10
+    assert lung_labels(mask, 0.45).tolist() == [
+        [0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+        [0, 1, 1, 0, 0, 0, 2, 2, 2, 0],
+        [0, 1, 1, 0, 0, 0, 2, 2, 2, 0],
+        [0, 0, 0, 0, 0, 0, 2, 2, 2, 0],
+    ]
+
+
+def test_a_split_from_the_small_mask_labels_the_full_size_one():
+    small = np.zeros((4, 10), np.uint8)
+    small[1:3, 1:3] = small[1:3, 6:9] = 1
+    big = resize_mask(small, 8, 20)
+    labels = lung_labels(big, lungs_split(small))
+    assert set(np.unique(labels[:, :9])) == {0, 1} and set(np.unique(labels[:, 9:])) == {0, 2}
+    assert ((labels > 0) == (big > 0)).all()
+
+
+@pytest.mark.parametrize(
+    ("column", "split", "label"),
+    [(1, 1.0, 1), (7, 0.0, 2)],  # one lung alone is wholly on its side of the centre
+)
+def test_one_lung_alone_is_labelled_by_its_side(column, split, label):
+    mask = np.zeros((3, 10), np.uint8)
+    mask[1, column : column + 2] = 1
+    assert lungs_split(mask) == split
+    assert set(np.unique(lung_labels(mask, split))) == {0, label}
+    assert lungs_split(np.zeros((3, 10), np.uint8)) == 0.5
