@@ -466,9 +466,9 @@ def lungs_split(mask: np.ndarray) -> float:
     width = mask.shape[1]
     if count == 1:
         return 0.5
-    order = 1 + np.argsort(centroids[1:, 0], kind="stable")
     if count == 2:
         return 1.0 if centroids[1, 0] < width / 2 else 0.0
+    order = 1 + np.argsort(centroids[1:, 0], kind="stable")
     first, second = stats[order[0]], stats[order[-1]]
     edge = first[cv2.CC_STAT_LEFT] + first[cv2.CC_STAT_WIDTH]
     return float((edge + second[cv2.CC_STAT_LEFT]) / 2 / width)

@@ -15,7 +15,7 @@ import contextlib
 import hashlib
 import logging
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 
@@ -153,8 +153,7 @@ class Segmenter:
         out["probability"] = probability
         if self.writers is None:
             return out
-        rows = list(self.writers.map(lambda i: write_row(out, i, **self.write), range(len(ok))))
-        return {name: [row[name] for row in rows] for name in SCHEMA.names}
+        return _columns(self.writers.map(lambda i: write_row(out, i, **self.write), range(len(ok))))
 
 
 def _row(
@@ -253,7 +252,12 @@ def write_row(
 
 def write_masks(batch: dict[str, np.ndarray], **options) -> dict[str, list]:
     """Ray Data task (on GPU nodes): :func:`write_row` for every row; scalar columns out."""
-    rows = [write_row(batch, i, **options) for i in range(len(batch["id"]))]
+    return _columns(write_row(batch, i, **options) for i in range(len(batch["id"])))
+
+
+def _columns(rows: Iterable[dict]) -> dict[str, list]:
+    """Table rows as the columns of :data:`SCHEMA`, the batch a Ray Data stage hands on."""
+    rows = list(rows)
     return {name: [row[name] for row in rows] for name in SCHEMA.names}
 
 

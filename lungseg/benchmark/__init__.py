@@ -121,7 +121,7 @@ def _film_rows(
 ) -> list[Row]:
     """The whole-process row of ``folder``'s films, and for the hospital films the in-process
     row too."""
-    cores = float(ray.cluster_resources().get("CPU", 1.0))
+    cores = pipeline.cluster_resources()[0]
     count = len(list(folder.iterdir()))
     ceiling = costs.ceiling(cores)
     runs = alternate(config.rounds, _whole_process_sides(config, folder, work))
@@ -215,7 +215,7 @@ def _preprocessing_row(config: BenchmarkConfig, folder: Path, size: int) -> Row:
             "Ray Data": lambda: _ray_preprocess(folder, size),
         },
     )
-    cores = float(ray.cluster_resources().get("CPU", 1.0))
+    cores = pipeline.cluster_resources()[0]
     pool = pipeline.preprocess_pool(cores)
     per_image = runs[0].cpu_seconds / len(paths) * 1000
     return make_row(
@@ -288,7 +288,7 @@ def _training_row(config: BenchmarkConfig, work: Path) -> Row:
         f"{len(images)} images of {size}x{size} in memory, batch {config.batch_size}; the "
         f"second of 2 epochs, start-up and checkpointing excluded (whole runs: "
         f"{runs[0].seconds:.0f} vs {runs[1].seconds:.0f} s)",
-        float(ray.cluster_resources().get("CPU", 1.0)),
+        pipeline.cluster_resources()[0],
     )
 
 
@@ -326,7 +326,7 @@ def _memory_row(config: BenchmarkConfig, sources: Sequence[str], work: Path) -> 
         "peak PSS summed over the driver and every process under it (GCS, raylet with the "
         f"object store, workers), sampled every {SAMPLE_SECONDS:g} s, segment pipeline "
         f"({runs[0].seconds:.0f} and {runs[1].seconds:.0f} s)",
-        float(ray.cluster_resources().get("CPU", 1.0)),
+        pipeline.cluster_resources()[0],
     )
     return replace(row, profile=f"at the peak: {runs[1].memory_profile()}")
 
@@ -339,7 +339,7 @@ def _machine() -> dict:
     return {
         "cpu": cpu or platform.processor(),
         "cores": os.cpu_count(),
-        "ray_cpus": float(ray.cluster_resources().get("CPU", 0)),
+        "ray_cpus": pipeline.cluster_resources()[0],
         "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
         "gpus": [d.name for d in tf.config.list_physical_devices("GPU")],
         "matmul_gflops": round(matmul_gflops(), 1),
