@@ -357,7 +357,8 @@ def _add_report(commands, parents) -> None:
         help="an HTML report of a segment job's output: summary, histogram, worst/best, table",
         description="Write OUTPUT/report.html and its pictures in OUTPUT/report/ from "
         "OUTPUT/segmentation.parquet: summary numbers, a Dice histogram, contact sheets of the "
-        "worst and best images and a sortable table of every image. No Ray, no server.",
+        "worst and best images and of those quality control sent to review, and a sortable "
+        "table of every image. No Ray, no server.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     d = ReportConfig()
@@ -365,6 +366,12 @@ def _add_report(commands, parents) -> None:
     report.add_argument("--run", default=d.run, help="training run folder: adds its curves")
     report.add_argument(
         "--sheet", type=int, default=d.sheet, help="images on each of the worst and best sheets"
+    )
+    report.add_argument(
+        "--review",
+        type=int,
+        default=d.review,
+        help="most images on the sheet of those sent to review, lowest QC score first",
     )
     _add_endpoint(report)
 
@@ -490,7 +497,7 @@ def _config(args: argparse.Namespace):
         "evaluate": _segment_config,
         "clean": _clean_config,
         "report": lambda a: ReportConfig(
-            output=a.output, run=a.run, sheet=a.sheet, s3_endpoint=a.s3_endpoint
+            output=a.output, run=a.run, sheet=a.sheet, review=a.review, s3_endpoint=a.s3_endpoint
         ),
         "benchmark": _benchmark_config,
         "export": lambda a: a,
@@ -542,6 +549,15 @@ def _evaluate(config: SegmentConfig, session: console.Session, args: argparse.Na
             f"min {dice.get('min', float('nan')):.4f}  "
             f"IoU mean {iou.get('mean', float('nan')):.4f}"
         )
+    qc = summary["overall"]["quality_control"]
+    if qc["scored"]:
+        caught = f"{qc['poor_in_review']} of {qc['poor']}" if qc["poor"] else "none"
+        _say(
+            f"quality control: {qc['review']} of {qc['scored']} to review "
+            f"({qc['review_share']:.1%}), Spearman(qc_score, Dice) "
+            f"{qc['spearman_qc_score_dice'] or float('nan'):.3f}, "
+            f"masks below Dice {qc['poor_dice_below']} in review: {caught}"
+        )
     _say(
         f"summary: {config.output}/summary.json  failed: {len(summary['failed'])}  "
         f"unscored: {len(summary['unscored'])}"
@@ -559,6 +575,7 @@ def _segment(config: SegmentConfig, session: console.Session, args: argparse.Nam
         f"segmented {result.images} images ({result.flagged} flagged, {result.failed} failed), "
         f"mean Dice {dice}"
     )
+    _say(f"quality control: {result.review} of {result.images} masks to review (qc column)")
     _say(f"masks: {result.output}/masks/  table: {result.table}")
     if config.overlays:
         _say(f"overlays: {result.output}/overlays/")

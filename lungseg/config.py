@@ -257,16 +257,19 @@ class ReportConfig:
     """Settings of ``lungseg report``.
 
     ``output`` is a segment job's output root, ``run`` a training run folder whose curves to
-    show (optional), ``sheet`` the images on each of the worst and best contact sheets.
+    show (optional), ``sheet`` the images on each of the worst and best contact sheets,
+    ``review`` the most on the sheet of images sent to review (lowest QC score first).
     """
 
     output: str = DEFAULT_SEGMENT_OUTPUT
     run: str | None = None
     sheet: int = 8
+    review: int = 48
     s3_endpoint: str | None = None
 
     def __post_init__(self) -> None:
         _check(self.sheet >= 0, f"--sheet must be >= 0, got {self.sheet}")
+        _check(self.review >= 0, f"--review must be >= 0, got {self.review}")
 
 
 DEFAULT_BENCHMARK_OUTPUT = "out/benchmark"

@@ -6,18 +6,21 @@ import json
 from dataclasses import replace
 from statistics import mean, median
 
+import numpy as np
 import pyarrow.parquet as pq
 
 from lungseg import storage
 from lungseg.catalog import read_split
 from lungseg.config import SegmentConfig
 from lungseg.errors import UserError
-from lungseg.layout import ERROR, SUMMARY_FILE
+from lungseg.layout import ERROR, REVIEW, SUMMARY_FILE
 from lungseg.progress import Progress
 from lungseg.segment import SegmentResult, run_segmentation
 from lungseg.storage import Store
 
 WORST = 10
+POOR_DICE = 0.93
+"""A mask below this Dice is a poor one, that quality control should send to review."""
 
 
 def dataset_of(case_id: str) -> str:
@@ -33,11 +36,54 @@ def _stats(rows: list[dict]) -> dict:
         out[metric] = (
             {"mean": mean(values), "median": median(values), "min": min(values)} if values else None
         )
+    out["quality_control"] = quality_control(rows)
     return out
 
 
+def ranks(values: list[float]) -> np.ndarray:
+    """1-based ranks of ``values``, ties sharing their mean rank."""
+    array = np.asarray(values, float)
+    order = np.argsort(array, kind="stable")
+    ranked = np.empty(len(array))
+    ranked[order] = np.arange(1, len(array) + 1)
+    for value in np.unique(array):
+        tied = array == value
+        ranked[tied] = ranked[tied].mean()
+    return ranked
+
+
+def spearman(x: list[float], y: list[float]) -> float | None:
+    """Spearman's rank correlation of two equally long lists; None where either is constant."""
+    rx, ry = ranks(x), ranks(y)
+    if len(x) < 2 or rx.std() == 0 or ry.std() == 0:
+        return None
+    return float(np.corrcoef(rx, ry)[0, 1])
+
+
+def quality_control(rows: list[dict]) -> dict:
+    """How well ``qc_score`` and ``qc`` (:mod:`lungseg.qc`) foretell the Dice of the scored
+    rows: Spearman's correlation, the share sent to review, and of the masks below
+    :data:`POOR_DICE`, how many review caught."""
+    scored = [r for r in rows if r["dice"] is not None and r["qc_score"] is not None]
+    poor = [r for r in scored if r["dice"] < POOR_DICE]
+    review = [r for r in scored if r["qc"] == REVIEW]
+    return {
+        "scored": len(scored),
+        "spearman_qc_score_dice": spearman(
+            [r["qc_score"] for r in scored], [r["dice"] for r in scored]
+        ),
+        "review": len(review),
+        "review_share": len(review) / len(scored) if scored else None,
+        "poor_dice_below": POOR_DICE,
+        "poor": len(poor),
+        "poor_in_review": sum(r["qc"] == REVIEW for r in poor),
+        "poor_caught_share": sum(r["qc"] == REVIEW for r in poor) / len(poor) if poor else None,
+    }
+
+
 def summarise(rows: list[dict], model: str) -> dict:
-    """Mean/median/min Dice and IoU overall and per dataset, failures, and the worst ids.
+    """Mean/median/min Dice and IoU and the quality control's figures (:func:`quality_control`)
+    overall and per dataset, failures, the worst ids, and the images sent to review.
 
     ``unscored`` lists the images segmented without a ground truth (``flagged`` when masks
     were given).
@@ -51,6 +97,11 @@ def summarise(rows: list[dict], model: str) -> dict:
         "failed": [{"id": r["id"], "error": r["error"]} for r in rows if r["status"] == ERROR],
         "unscored": sorted(r["id"] for r in rows if r["status"] != ERROR and r["dice"] is None),
         "worst": [{"id": r["id"], "dice": r["dice"], "iou": r["iou"]} for r in scored[:WORST]],
+        "review": [
+            {k: r[k] for k in ("id", "qc_score", "dice", "qc_reason")}
+            for r in sorted(rows, key=lambda r: (r["qc_score"] or 0.0, r["id"]))
+            if r["qc"] == REVIEW
+        ],
     }
 
 

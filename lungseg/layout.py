@@ -9,6 +9,9 @@ from __future__ import annotations
 OK, FLAGGED, ERROR = "ok", "flagged", "error"
 """Row statuses: done; done but worth a look (why in ``error``); failed (why in ``error``)."""
 
+REVIEW = "review"
+"""A row's ``qc`` when a person should look at its mask (``ok`` otherwise): :mod:`lungseg.qc`."""
+
 LOST = "lost by the pipeline: its batch failed (see the Ray Data logs)"
 """The ``error`` of an image whose batch never came out of Ray Data."""
 NO_TRUTH = "no ground-truth mask found: not scored"

@@ -1,8 +1,9 @@
 """``lungseg report``: a static HTML page of a segment job's output, with its pictures.
 
 :func:`run_report` reads the job's table and writes ``report.html`` with ``report/*.png`` beside
-it: summary numbers, a histogram, contact sheets of the worst and best images (drawn by
-:mod:`lungseg.draw`) and a sortable table of every image. Runs without Ray or Keras.
+it: summary numbers, a histogram, contact sheets of the worst and best images and of those
+that quality control sent to review (drawn by :mod:`lungseg.draw`) and a sortable table of
+every image. Runs without Ray or Keras.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from lungseg.layout import (
     OVERLAYS_DIR,
     REPORT_ASSETS,
     REPORT_FILE,
+    REVIEW,
     SEGMENT_TABLE,
 )
 from lungseg.storage import Store
@@ -41,6 +43,9 @@ def read_metrics(run: str, store: Store) -> list[dict]:
         for row in csv.DictReader(io.StringIO(text))
     ]
 
+
+QC_COLUMNS = ("qc_score", "qc", "qc_reason")
+"""Quality control's columns, null in a table written before lungseg had them."""
 
 # What the report ranks images by: Dice where any image has a ground truth, else lung fraction.
 _RANKINGS = {
@@ -80,9 +85,8 @@ def _sheet_tile(row: dict, store: Store) -> np.ndarray:
     return draw.fit(picture, draw.TILE)
 
 
-def _sheet_png(rows: list[dict], key: str, store: Store) -> bytes:
-    """A contact sheet of ``rows``' overlays, captioned with id and the ranking value."""
-    label = _RANKINGS[key][0]
+def _sheet_png(rows: list[dict], key: str, label: str, store: Store) -> bytes:
+    """A contact sheet of ``rows``' overlays, captioned with id and ``label`` ``row[key]``."""
     entries = [(f"{row['id']}  {label} {row[key]:.3f}", [_sheet_tile(row, store)]) for row in rows]
     return imaging.encode_image(draw.contact_sheet(entries, draw.SHEET_COLUMNS))
 
@@ -99,6 +103,9 @@ def _summary(rows: list[dict]) -> list[tuple[str, str]]:
     statuses = Counter(row["status"] for row in rows)
     scored = [row for row in rows if row["dice"] is not None]
     lungs = [row["lung_fraction"] for row in rows if row["lung_fraction"] is not None]
+    assessed = [row for row in rows if row["qc"] is not None]
+    review = sum(row["qc"] == REVIEW for row in assessed)
+    share = f" ({review / len(assessed):.1%})" if assessed else ""
     return [
         ("images", str(len(rows))),
         ("status", ", ".join(f"{n} {status}" for status, n in sorted(statuses.items()))),
@@ -106,6 +113,7 @@ def _summary(rows: list[dict]) -> list[tuple[str, str]]:
         ("Dice", _stats([row["dice"] for row in scored])),
         ("IoU", _stats([row["iou"] for row in scored])),
         ("lung fraction", _stats(lungs)),
+        ("sent to review", f"{review} of {len(assessed)} assessed by quality control{share}"),
     ]
 
 
@@ -115,9 +123,12 @@ _COLUMNS = (
     ("dice", "Dice", True),
     ("iou", "IoU", True),
     ("lung_fraction", "lung fraction", True),
+    ("qc_score", "QC score", True),
+    ("qc", "QC", False),
     ("status", "status", False),
     ("overlay", "overlay", False),
     ("error", "error", False),
+    ("qc_reason", "QC reason", False),
 )
 
 _STYLE = """
@@ -189,12 +200,20 @@ def _cell(row: dict, key: str, numeric: bool) -> str:
 
 
 def render_html(
-    rows: list[dict], summary: list[tuple[str, str]], pictures: dict[str, str], key: str
+    rows: list[dict],
+    summary: list[tuple[str, str]],
+    pictures: dict[str, str],
+    key: str,
+    review: list[dict] = (),
 ) -> str:
-    """The report page: summary, pictures (``name -> relative path``) and the sortable table."""
+    """The report page: summary, pictures (``name -> relative path``), the reasons of the
+    ``review`` sheet's images, and the sortable table."""
     _, worst_title, best_title = _RANKINGS[key]
+    sent = sum(row["qc"] == REVIEW for row in rows)
     titles = {
         "histogram": "Distribution",
+        "review": f"Sent to review by quality control: the {len(review)} lowest QC scores "
+        f"of {sent}",
         "worst": worst_title,
         "best": best_title,
         "curves": "Training curves",
@@ -214,6 +233,16 @@ def render_html(
         parts.append(f"<h2>{titles[name]}</h2>")
         if name in ("worst", "best"):
             parts.append(f"<p>Overlays, captioned with id and {_RANKINGS[key][0]}: {legend}</p>")
+        if name == "review":
+            parts.append(
+                "<p>Masks to check by eye, captioned with id and QC score (0 to 1, higher more "
+                "likely a good mask; the table sorts by it). Why each was sent:</p><ul>"
+            )
+            parts.extend(
+                f"<li>{html.escape(row['id'])}: {html.escape(row['qc_reason'] or '')}</li>"
+                for row in review
+            )
+            parts.append("</ul>")
         parts.append(f'<img src="{html.escape(path)}" alt="{titles[name]}">')
     parts.append(f"<h2>Every image ({len(rows)})</h2><p>Click a heading to sort.</p>")
     headings = "".join(
@@ -233,31 +262,40 @@ def run_report(config: ReportConfig) -> ReportResult:
 
     Reads ``segmentation.parquet`` under ``config.output``; rows are listed worst Dice first.
     Contact sheets of the ``config.sheet`` worst and best images by Dice (by lung fraction when
-    no image has a ground truth; no image on both) use the job's overlays where written. With
+    no image has a ground truth; no image on both) and of the ``config.review`` lowest QC
+    scores among the images sent to review use the job's overlays where written. With
     ``config.run``, the training curves of its ``metrics.csv`` are included.
     """
     store = Store.for_job(config.s3_endpoint)
     table_uri = storage.join(config.output, SEGMENT_TABLE)
     fs, path = store.resolve(table_uri)
     with storage.explained(table_uri):
-        rows = pq.read_table(path, filesystem=fs).to_pylist()
+        rows = [
+            dict.fromkeys(QC_COLUMNS) | row
+            for row in pq.read_table(path, filesystem=fs).to_pylist()
+        ]
     key = "dice" if any(row["dice"] is not None for row in rows) else "lung_fraction"
     ranked = sorted((row for row in rows if row[key] is not None), key=lambda r: (r[key], r["id"]))
     rows.sort(key=lambda r: (r[key] is None, r[key] or 0.0, r["id"]))
     worst = ranked[: config.sheet]
     best = ranked[len(worst) :][::-1][: config.sheet]
+    review = sorted(
+        (row for row in rows if row["qc"] == REVIEW), key=lambda r: (r["qc_score"], r["id"])
+    )[: config.review]
     pngs: dict[str, bytes] = {}
     if ranked:
         pngs["histogram"] = draw.histogram_png([row[key] for row in ranked], _RANKINGS[key][0])
+    if review:
+        pngs["review"] = _sheet_png(review, "qc_score", "QC", store)
     for name, chosen in (("worst", worst), ("best", best)):
         if chosen:
-            pngs[name] = _sheet_png(chosen, key, store)
+            pngs[name] = _sheet_png(chosen, key, _RANKINGS[key][0], store)
     if config.run is not None:
         pngs["curves"] = draw.curves_png(read_metrics(config.run, store))
     pictures = {name: f"{REPORT_ASSETS}/{name}.png" for name in pngs}
     for name, data in pngs.items():
         store.write_bytes(storage.join(config.output, pictures[name]), data)
-    page = render_html(rows, _summary(rows), pictures, key)
+    page = render_html(rows, _summary(rows), pictures, key, review)
     html_uri = storage.join(config.output, REPORT_FILE)
     store.write_bytes(html_uri, page.encode())
     return ReportResult(

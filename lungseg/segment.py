@@ -35,6 +35,7 @@ from lungseg.layout import (
     OVERLAYS_DIR,
     REPORT_ASSETS,
     REPORT_FILE,
+    REVIEW,
     SEGMENT_TABLE,
     SUMMARY_FILE,
 )
@@ -69,6 +70,9 @@ SCHEMA = pa.schema(
         ("fn", pa.int64()),
         ("dice", pa.float64()),
         ("iou", pa.float64()),
+        ("qc_score", pa.float64()),
+        ("qc", pa.string()),
+        ("qc_reason", pa.string()),
         ("status", pa.string()),
         ("error", pa.string()),
     ]
@@ -86,6 +90,7 @@ class SegmentResult:
     failed: int
     resumed: int  # rows kept from an earlier run (``resume``)
     mean_dice: float | None
+    review: int = 0  # masks quality control sent to review (``qc``)
 
 
 def tensorflow_threads(intra_op: int) -> None:
@@ -101,8 +106,9 @@ def tensorflow_threads(intra_op: int) -> None:
 
 
 class Segmenter:
-    """Ray Data actor: one model load, then lung probabilities per batch, and with ``write``
-    (on CPU nodes) the masks of each batch written by ``threads`` threads of its own.
+    """Ray Data actor: one model load, then lung probabilities per batch (``probability``, and
+    ``second`` of each film's :func:`lungseg.qc.second_view` for quality control), and with
+    ``write`` (on CPU nodes) the masks of each batch written by ``threads`` threads of its own.
 
     Writing here, where the image's size is known and the probabilities are at hand, spares a
     stage of tasks (their processes and a trip through the object store); on a GPU node the
@@ -138,22 +144,27 @@ class Segmenter:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray | list]:
         ok = batch["status"] == OK
-        probability = np.zeros(batch["image"].shape, np.uint8)
+        out = {k: v for k, v in batch.items() if k != "image"}
+        films = batch["image"][ok]
+        seconds = np.array([qc.second_view(film) for film in films]).reshape(films.shape)
         with self.predicting:
             pipeline.inject_fault("segmenter", self.batches)
             self.batches += 1
-            if ok.any():
-                n = int(ok.sum())
-                shape = (max(n, self.batch_size), *batch["image"].shape[1:], 1)
-                images = np.zeros(shape, np.uint8)
-                images[:n, ..., 0] = batch["image"][ok]
-                predicted = self.model.predict_on_batch(images)[:n, ..., 0]
-                probability[ok] = np.rint(np.asarray(predicted) * 255).astype(np.uint8)
-        out = {k: v for k, v in batch.items() if k != "image"}
-        out["probability"] = probability
+            for key, views in (("probability", films), ("second", seconds)):
+                out[key] = np.zeros(batch["image"].shape, np.uint8)
+                if len(views):
+                    out[key][ok] = self._predict(views)
         if self.writers is None:
             return out
         return _columns(self.writers.map(lambda i: write_row(out, i, **self.write), range(len(ok))))
+
+    def _predict(self, films: np.ndarray) -> np.ndarray:
+        """Probabilities (uint8, 0-255) of a stack of films, padded to the batch size."""
+        n = len(films)
+        images = np.zeros((max(n, self.batch_size), *films.shape[1:], 1), np.uint8)
+        images[:n, ..., 0] = films
+        predicted = self.model.predict_on_batch(images)[:n, ..., 0]
+        return np.rint(np.asarray(predicted) * 255).astype(np.uint8)
 
 
 def _row(
@@ -202,8 +213,10 @@ def write_row(
     left: :func:`lungseg.imaging.lung_labels`). ``lung_area_mm2`` (and its ``right_``/``left_``
     parts) is the pixel count times the pixel area (row x column spacing), null where the
     spacing is unknown. With ``overlays`` (the batch then has
-    ``display_png``), the overlay goes to ``overlays/<name>.png``. An implausible mask
-    (:func:`lungseg.qc.implausible`: no lung, one lung, far too much or too little) is
+    ``display_png``), the overlay goes to ``overlays/<name>.png``. ``qc_score``, ``qc`` (``ok``
+    or ``review``) and ``qc_reason`` come from :func:`lungseg.qc.assess`, with ``second`` the
+    probabilities of the film's second view. An implausible mask
+    (:func:`lungseg.qc.implausible`: no lung, one lung, far too much or too little) is also
     ``flagged`` with the reasons in ``error``, as is, with ``truth_required`` (ground-truth
     masks were given), an image without one.
     """
@@ -212,8 +225,10 @@ def write_row(
         return _row(case_id, source, error=str(batch["error"][i]))
     try:
         height, width = int(batch["height"][i]), int(batch["width"][i])
-        small = imaging.postprocess(batch["probability"][i] / 255.0, threshold)
-        doubts = qc.implausible(small)
+        probability = batch["probability"][i] / 255.0
+        small = imaging.postprocess(probability, threshold)
+        quality = qc.assess(small, probability, batch["second"][i] / 255.0, threshold)
+        doubts = list(quality.reasons) if quality.implausible else []
         mask = imaging.resize_mask(small, height, width)
         uri = storage.join(output, f"{MASKS_DIR}/{name}.png")
         store.write_bytes(uri, imaging.encode_png(mask))
@@ -225,7 +240,11 @@ def write_row(
         pixels["left_"] = pixels[""] - pixels["right_"]
         header = _header(batch, i)
         row = _row(case_id, source, OK, mask=uri, labels=labels_uri, height=height, width=width)
-        row |= header
+        row |= header | {
+            "qc_score": quality.score,
+            "qc": REVIEW if quality.review else OK,
+            "qc_reason": "; ".join(quality.reasons) or None,
+        }
         pixel_mm2 = None
         if header["spacing_row_mm"] is not None and header["spacing_col_mm"] is not None:
             pixel_mm2 = header["spacing_row_mm"] * header["spacing_col_mm"]
@@ -395,9 +414,12 @@ def _segment(
                 num_cpus=1,
             )
     dice: list[float] = []
+    review = sum(row["qc"] == REVIEW for row in kept)
 
     def account(rows: pa.Table) -> None:
+        nonlocal review
         dice.extend(d for d in rows["dice"].to_pylist() if d is not None)
+        review += rows["qc"].to_pylist().count(REVIEW)
         progress.advance(rows.num_rows, rows["status"].to_pylist().count(ERROR))
 
     progress.start("segment", len(cases))
@@ -420,6 +442,7 @@ def _segment(
         failed=statuses[ERROR],
         resumed=len(kept),
         mean_dice=float(np.mean(dice)) if dice else None,
+        review=review,
     )
 
 

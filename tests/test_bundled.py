@@ -79,6 +79,19 @@ def test_bundled_model_segments_the_sample_and_summary_matches_parquet(tmp_path)
     assert overall["dice"]["mean"] >= MEAN_DICE_FLOOR, overall
     assert overall["dice"]["min"] >= MIN_DICE_FLOOR, summary["worst"][:3]
 
+    # Quality control: a score and a verdict per image, the reasons of those sent to review,
+    # and the summary's figures counted from the rows.
+    review = [r for r in rows if r["qc"] == "review"]
+    assert all(0 <= r["qc_score"] <= 1 and r["qc"] in ("ok", "review") for r in rows)
+    assert all((r["qc"] == "review") == (r["qc_score"] < 0.5) and r["qc_reason"] for r in review)
+    assert all(r["qc_reason"] is None for r in rows if r["qc"] == "ok")
+    figures = overall["quality_control"]
+    assert figures["scored"] == 16 and figures["review"] == len(review)
+    assert figures["poor"] == sum(d < 0.93 for d in dice)
+    assert [r["id"] for r in summary["review"]] == [
+        r["id"] for r in sorted(review, key=lambda r: (r["qc_score"], r["id"]))
+    ]
+
     for row in rows:  # the patient's right lung (1) on the image's left, each a real share
         labels = cv2.imread(row["labels"], cv2.IMREAD_UNCHANGED)
         mask = cv2.imread(row["mask"], cv2.IMREAD_UNCHANGED)

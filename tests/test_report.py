@@ -27,6 +27,7 @@ from lungseg.draw import (
     OUTLINE_COLOUR,
     TP_COLOUR,
 )
+from lungseg.segment import SCHEMA
 from tests.conftest import SAMPLE_IDS, copy_sample, labelled_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -292,15 +293,13 @@ def test_report_job_writes_a_page_chromium_renders_and_sorts(segmented, tmp_path
     assert done.returncode == 0, done.stderr[-3000:]
     assert f"report of 6 images (1 failed): {out / 'report.html'}" in done.stdout
     assets = out / "report"
-    assert sorted(p.name for p in assets.iterdir()) == [
-        "best.png",
-        "curves.png",
-        "histogram.png",
-        "worst.png",
-    ]
+    rows = pq.read_table(out / "segmentation.parquet").to_pylist()
+    review = ["review.png"] if any(r["qc"] == "review" for r in rows) else []
+    assert sorted(p.name for p in assets.iterdir()) == sorted(
+        ["best.png", "curves.png", "histogram.png", "worst.png", *review]
+    )
     worst = cv2.imread(str(assets / "worst.png"))
     assert worst.shape == (CAPTION_HEIGHT + 256, 2 * 256 + GAP, 3)
-    rows = pq.read_table(out / "segmentation.parquet").to_pylist()
     scored = sorted((r for r in rows if r["dice"] is not None), key=lambda r: (r["dice"], r["id"]))
     overlay = cv2.imread(scored[0]["overlay"])
     np.testing.assert_array_equal(worst[CAPTION_HEIGHT:, :256], draw.fit(overlay, 256))
@@ -308,12 +307,16 @@ def test_report_job_writes_a_page_chromium_renders_and_sorts(segmented, tmp_path
     page = (out / "report.html").as_uri()
     shown = _table(chromium, page, tmp_path)
     assert len(shown.rows) == len(rows) == 6
-    assert all(len(cells) == 7 for cells in shown.rows)
+    assert all(len(cells) == 10 for cells in shown.rows)
     ids = [cells[0] for cells in shown.rows]
     assert sorted(ids) == sorted(r["id"] for r in rows)
     assert [float(c[1]) for c in shown.rows[:4]] == [r["dice"] for r in scored]  # worst first
-    assert shown.rows[ids.index(SAMPLE_IDS[0])][5] == f"overlays/{SAMPLE_IDS[0]}.png"
-    assert shown.rows[ids.index("broken")][5] == ""
+    assert shown.rows[ids.index(SAMPLE_IDS[0])][7] == f"overlays/{SAMPLE_IDS[0]}.png"
+    assert shown.rows[ids.index("broken")][7] == ""
+    qc_cells = {cells[0]: cells[4:6] for cells in shown.rows}
+    assert qc_cells == {
+        r["id"]: ["" if r["qc_score"] is None else repr(r["qc_score"]), r["qc"] or ""] for r in rows
+    }
 
     by_id = _table(chromium, page + "#sort=id", tmp_path)
     assert [c[0] for c in by_id.rows] == sorted(ids, key=str.casefold)  # as people sort
@@ -341,6 +344,46 @@ def test_report_job_writes_a_page_chromium_renders_and_sorts(segmented, tmp_path
     assert heading.size and heading[0] > bottom
     lines = shot[heading[-1] + 1 : heading[-1] + 1 + 6 * 22]
     assert ((lines < 100).all(axis=-1).sum(axis=1) > 0).sum() > 6 * 5
+
+
+@pytest.mark.timeout(400)
+def test_the_review_sheet_shows_what_quality_control_sent_lowest_score_first(segmented, tmp_path):
+    out = tmp_path / "review"
+    out.mkdir()
+    rows = pq.read_table(segmented / "out" / "segmentation.parquet").to_pylist()
+    done = sorted((r for r in rows if r["status"] != "error"), key=lambda r: r["id"])
+    sent = {done[0]["id"]: 0.31, done[1]["id"]: 0.12, done[2]["id"]: 0.45}
+    for row in rows:
+        if row["id"] in sent:
+            row |= {"qc": "review", "qc_score": sent[row["id"]], "qc_reason": f"why {row['id']}"}
+        elif row["status"] != "error":
+            row |= {"qc": "ok", "qc_score": 0.8, "qc_reason": None}
+    pq.write_table(pa.Table.from_pylist(rows, SCHEMA), out / "segmentation.parquet")
+    report.run_report(ReportConfig(output=str(out), sheet=1, review=2))
+    page = (out / "report.html").read_text()
+    assert "3 of 5 assessed by quality control (60.0%)" in page
+    assert "the 2 lowest QC scores of 3" in page
+    lowest = sorted(sent, key=sent.get)[:2]
+    assert [f"<li>{i}: why {i}</li>" in page for i in sent] == [i in lowest for i in sent]
+    sheet = cv2.imread(str(out / "report" / "review.png"))
+    assert sheet.shape == (CAPTION_HEIGHT + 256, 2 * 256 + GAP, 3)
+    first = next(r for r in rows if r["id"] == lowest[0])
+    np.testing.assert_array_equal(
+        sheet[CAPTION_HEIGHT:, :256], draw.fit(cv2.imread(first["overlay"]), 256)
+    )
+
+
+def test_a_table_from_before_quality_control_still_makes_a_report(segmented, tmp_path):
+    out = tmp_path / "old"
+    out.mkdir()
+    table = pq.read_table(segmented / "out" / "segmentation.parquet")
+    pq.write_table(
+        table.drop_columns(["qc_score", "qc", "qc_reason"]), out / "segmentation.parquet"
+    )
+    result = report.run_report(ReportConfig(output=str(out)))
+    assert (result.images, result.failed) == (6, 1)
+    assert "0 of 0 assessed by quality control" in (out / "report.html").read_text()
+    assert not (out / "report" / "review.png").exists()
 
 
 @pytest.mark.timeout(400)

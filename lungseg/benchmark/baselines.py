@@ -20,7 +20,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from lungseg import imaging
+from lungseg import imaging, qc
 
 TRAIN_LEARNING_RATE = 1e-3
 """Adam's learning rate on both sides of the training row."""
@@ -87,9 +87,20 @@ def plain_preprocess(paths: Sequence[str], size: int) -> None:
         imaging.resize_image(imaging.load_image(Path(path).read_bytes(), path), size)
 
 
+def _predict(model, films: np.ndarray, batch_size: int) -> np.ndarray:
+    """The model's probabilities for a stack of uint8 films, ``batch_size`` at a time."""
+    return np.concatenate(
+        [
+            np.asarray(model.predict_on_batch(films[i : i + batch_size, ..., None]))[..., 0]
+            for i in range(0, len(films), batch_size)
+        ]
+    )
+
+
 def plain_segment(paths: Sequence[str], model_uri: str, output: Path, batch_size: int) -> None:
     """The segmenting loop: load the model, then decode, preprocess, predict (float32, Keras'
-    defaults), post-process and write the masks batch by batch, in one process."""
+    defaults) the films and their second views, post-process, assess (:func:`lungseg.qc.assess`)
+    and write the masks batch by batch, in one process."""
     from lungseg.model import load_model
 
     model = load_model(Path(model_uri).read_bytes())
@@ -99,9 +110,12 @@ def plain_segment(paths: Sequence[str], model_uri: str, output: Path, batch_size
         chunk = paths[start : start + batch_size]
         images = [imaging.load_image(Path(p).read_bytes(), p) for p in chunk]
         batch = np.stack([imaging.resize_image(image, size) for image in images])
-        probability = np.asarray(model.predict_on_batch(batch[..., None]))[..., 0]
-        for path, image, p in zip(chunk, images, probability, strict=True):
-            mask = imaging.resize_mask(imaging.postprocess(p), *image.shape)
+        probability = _predict(model, batch, batch_size)
+        second = _predict(model, np.stack([qc.second_view(film) for film in batch]), batch_size)
+        for path, image, p, s in zip(chunk, images, probability, second, strict=True):
+            small = imaging.postprocess(p)
+            qc.assess(small, p, s, 0.5)
+            mask = imaging.resize_mask(small, *image.shape)
             (output / f"{Path(path).stem}.png").write_bytes(imaging.encode_png(mask))
 
 
@@ -112,9 +126,9 @@ class StageCosts:
     time of all of them), at the pipeline's precision and batch size."""
 
     decode: float  # read the file, decode it
-    preprocess: float  # grayscale, stretch, resize to the model's input
-    model: float  # predict, per image of a batch
-    write: float  # post-process, resize back, encode the PNG, write it
+    preprocess: float  # grayscale, stretch, resize to the model's input, its second view
+    model: float  # predict the film and its second view, per image of a batch
+    write: float  # post-process, assess, resize back, encode the PNG, write it
 
     @property
     def total(self) -> float:
@@ -148,23 +162,25 @@ def stage_costs(
         decoded = [imaging.decode(Path(p).read_bytes(), p) for p in paths]
         decode = _cpu_seconds() - started
         started = _cpu_seconds()
-        small = [
-            imaging.resize_image(imaging.normalise(imaging.to_grayscale(d)), size) for d in decoded
-        ]
-        preprocess = _cpu_seconds() - started
-        batches = [
-            np.stack(small[i : i + batch_size])[..., None] for i in range(0, len(small), batch_size)
-        ]
-        model.predict_on_batch(batches[0])  # traced once, as in an actor's first batch
-        started = _cpu_seconds()
-        probability = np.concatenate(
-            [np.asarray(model.predict_on_batch(b))[..., 0] for b in batches]
+        small = np.stack(
+            [
+                imaging.resize_image(imaging.normalise(imaging.to_grayscale(d)), size)
+                for d in decoded
+            ]
         )
+        views = np.stack([qc.second_view(film) for film in small])
+        preprocess = _cpu_seconds() - started
+        _predict(model, small[:batch_size], batch_size)  # traced once, as in an actor
+        started = _cpu_seconds()
+        probability = _predict(model, small, batch_size)
+        second = _predict(model, views, batch_size)
         predict = _cpu_seconds() - started
         output.mkdir(parents=True, exist_ok=True)
         started = _cpu_seconds()
-        for path, image, p in zip(paths, decoded, probability, strict=True):
-            mask = imaging.resize_mask(imaging.postprocess(p), *image.shape[:2])
+        for path, image, p, s in zip(paths, decoded, probability, second, strict=True):
+            mask = imaging.postprocess(p)
+            qc.assess(mask, p, s, 0.5)
+            mask = imaging.resize_mask(mask, *image.shape[:2])
             (output / f"{Path(path).stem}.png").write_bytes(imaging.encode_png(mask))
         write = _cpu_seconds() - started
     finally:
