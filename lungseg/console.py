@@ -217,7 +217,7 @@ class ConsoleProgress(Progress):
             if self.done < self.total:
                 parts.append(f"{duration((self.total - self.done) / rate)} left")
         if self.unit == "images":
-            parts.append(f"{self.failed} errors")
+            parts.append(f"{self.failed} error" + ("" if self.failed == 1 else "s"))
         if self.figures:
             parts.append(_figures(self.figures))
         return printable(", ".join(parts))

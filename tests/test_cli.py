@@ -189,8 +189,10 @@ def test_progress_lines_show_a_rate_only_over_a_second_of_work():
     progress.start("segment", 30)
     progress.advance(10)  # the first batch: rates count from here
     progress.advance(10, failed=1)
-    assert progress.line(progress.first + 0.5) == "segment: 20/30 images, 1 errors"
+    assert progress.line(progress.first + 0.5) == "segment: 20/30 images, 1 error"
     assert progress.line(progress.first + 2.0) == (
-        "segment: 20/30 images, 5.0 images/s, 2 s left, 1 errors"
+        "segment: 20/30 images, 5.0 images/s, 2 s left, 1 error"
     )
+    progress.advance(5, failed=1)
+    assert progress.line(progress.first + 0.5) == "segment: 25/30 images, 2 errors"
     assert progress.stream.getvalue().splitlines()[0].startswith("segment: 10/30 images")
