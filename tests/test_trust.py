@@ -133,6 +133,22 @@ def test_2_resume_with_other_settings_is_refused_naming_them(earlier_run, change
     assert (out / "segmentation.parquet").read_bytes() == table  # untouched
 
 
+def test_2_resume_redoes_the_rows_of_a_run_from_before_quality_control(earlier_run, tmp_path):
+    """Its table lacks the QC columns: read as unreadable, every image is segmented again."""
+    out, config = earlier_run
+    copy = tmp_path / "out"
+    shutil.copytree(out, copy)
+    table = pq.read_table(copy / "segmentation.parquet")
+    pq.write_table(
+        table.drop_columns(["qc_score", "qc", "qc_reason"]), copy / "segmentation.parquet"
+    )
+    result = run_segmentation(replace(config, output=str(copy), resume=True))
+    assert (result.images, result.resumed) == (4, 0)
+    rows = pq.read_table(copy / "segmentation.parquet").to_pylist()
+    assert sorted(r["id"] for r in rows) == sorted(SAMPLE_IDS[:4])
+    assert all(r["qc"] in ("ok", "review") and r["qc_score"] is not None for r in rows)
+
+
 def test_2_a_fresh_run_into_an_earlier_one_is_refused(earlier_run):
     _, config = earlier_run
     with pytest.raises(UserError, match=r"holds the outputs of an earlier run .*--overwrite"):
