@@ -6,7 +6,6 @@ import json
 from dataclasses import replace
 from statistics import mean, median
 
-import numpy as np
 import pyarrow.parquet as pq
 
 from lungseg import storage
@@ -14,6 +13,7 @@ from lungseg.catalog import read_split
 from lungseg.config import SegmentConfig
 from lungseg.errors import UserError
 from lungseg.layout import ERROR, REVIEW, SUMMARY_FILE
+from lungseg.metrics import spearman
 from lungseg.progress import Progress
 from lungseg.segment import SegmentResult, run_segmentation
 from lungseg.storage import Store
@@ -40,26 +40,6 @@ def _stats(rows: list[dict]) -> dict:
     return out
 
 
-def ranks(values: list[float]) -> np.ndarray:
-    """1-based ranks of ``values``, ties sharing their mean rank."""
-    array = np.asarray(values, float)
-    order = np.argsort(array, kind="stable")
-    ranked = np.empty(len(array))
-    ranked[order] = np.arange(1, len(array) + 1)
-    for value in np.unique(array):
-        tied = array == value
-        ranked[tied] = ranked[tied].mean()
-    return ranked
-
-
-def spearman(x: list[float], y: list[float]) -> float | None:
-    """Spearman's rank correlation of two equally long lists; None where either is constant."""
-    rx, ry = ranks(x), ranks(y)
-    if len(x) < 2 or rx.std() == 0 or ry.std() == 0:
-        return None
-    return float(np.corrcoef(rx, ry)[0, 1])
-
-
 def quality_control(rows: list[dict]) -> dict:
     """How well ``qc_score`` and ``qc`` (:mod:`lungseg.qc`) foretell the Dice of the scored
     rows: Spearman's correlation, the share sent to review, and of the masks below
@@ -67,6 +47,7 @@ def quality_control(rows: list[dict]) -> dict:
     scored = [r for r in rows if r["dice"] is not None and r["qc_score"] is not None]
     poor = [r for r in scored if r["dice"] < POOR_DICE]
     review = [r for r in scored if r["qc"] == REVIEW]
+    caught = sum(r["qc"] == REVIEW for r in poor)
     return {
         "scored": len(scored),
         "spearman_qc_score_dice": spearman(
@@ -76,8 +57,8 @@ def quality_control(rows: list[dict]) -> dict:
         "review_share": len(review) / len(scored) if scored else None,
         "poor_dice_below": POOR_DICE,
         "poor": len(poor),
-        "poor_in_review": sum(r["qc"] == REVIEW for r in poor),
-        "poor_caught_share": sum(r["qc"] == REVIEW for r in poor) / len(poor) if poor else None,
+        "poor_in_review": caught,
+        "poor_caught_share": caught / len(poor) if poor else None,
     }
 
 
@@ -99,8 +80,9 @@ def summarise(rows: list[dict], model: str) -> dict:
         "worst": [{"id": r["id"], "dice": r["dice"], "iou": r["iou"]} for r in scored[:WORST]],
         "review": [
             {k: r[k] for k in ("id", "qc_score", "dice", "qc_reason")}
-            for r in sorted(rows, key=lambda r: (r["qc_score"] or 0.0, r["id"]))
-            if r["qc"] == REVIEW
+            for r in sorted(
+                (r for r in rows if r["qc"] == REVIEW), key=lambda r: (r["qc_score"], r["id"])
+            )
         ],
     }
 

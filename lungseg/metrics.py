@@ -1,4 +1,5 @@
-"""Per-image confusion counts, Dice and IoU in NumPy: what lands in the Parquet tables.
+"""Per-image confusion counts, Dice and IoU in NumPy: what lands in the Parquet tables; and
+Spearman's rank correlation, for how well quality control foretells them.
 
 Both-empty masks (no lung in truth nor prediction) count as perfect agreement: Dice = IoU = 1.
 """
@@ -39,3 +40,23 @@ def confusion(prediction: np.ndarray, truth: np.ndarray) -> Confusion:
         fp=int(np.count_nonzero(pred & ~true)),
         fn=int(np.count_nonzero(~pred & true)),
     )
+
+
+def ranks(values: list[float]) -> np.ndarray:
+    """1-based ranks of ``values``, ties sharing their mean rank."""
+    array = np.asarray(values, float)
+    order = np.argsort(array, kind="stable")
+    ranked = np.empty(len(array))
+    ranked[order] = np.arange(1, len(array) + 1)
+    for value in np.unique(array):
+        tied = array == value
+        ranked[tied] = ranked[tied].mean()
+    return ranked
+
+
+def spearman(x: list[float], y: list[float]) -> float | None:
+    """Spearman's rank correlation of two equally long lists; None where either is constant."""
+    rx, ry = ranks(x), ranks(y)
+    if len(x) < 2 or rx.std() == 0 or ry.std() == 0:
+        return None
+    return float(np.corrcoef(rx, ry)[0, 1])

@@ -21,7 +21,7 @@ from dataclasses import asdict
 import numpy as np
 
 from lungseg import __version__, draw, imaging
-from lungseg.config import RecipeConfig
+from lungseg.config import RecipeConfig, SegmentConfig
 from lungseg.layout import CURVES_FILE, METRICS_FILE, MODEL_FILE
 from lungseg.metrics import Confusion, confusion
 
@@ -30,7 +30,7 @@ COLUMNS = (
 )  # fmt: skip
 """One row of a run's history, as ``metrics.csv`` holds it (see :func:`score_validation`)."""
 PROVENANCE_FILE = "provenance.json"
-THRESHOLD = 0.5
+THRESHOLD = SegmentConfig.threshold
 """The probability cut of validation masks: segment's default."""
 
 

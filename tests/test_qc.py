@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 
 from lungseg import qc
-from lungseg.evaluate import POOR_DICE, quality_control, ranks, spearman
+from lungseg.evaluate import POOR_DICE, quality_control
 from lungseg.layout import OK, REVIEW
+from lungseg.metrics import ranks, spearman
 
 
 def lungs() -> np.ndarray:

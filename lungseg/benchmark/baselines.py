@@ -21,6 +21,7 @@ import cv2
 import numpy as np
 
 from lungseg import imaging, qc
+from lungseg.config import SegmentConfig
 
 TRAIN_LEARNING_RATE = 1e-3
 """Adam's learning rate on both sides of the training row."""
@@ -97,6 +98,18 @@ def _predict(model, films: np.ndarray, batch_size: int) -> np.ndarray:
     )
 
 
+def _write_mask(
+    path: str, image: np.ndarray, probability: np.ndarray, second: np.ndarray, output: Path
+) -> None:
+    """What the job does with a film's probabilities: post-process and assess them at segment's
+    default threshold, resize the mask to the film, write its PNG."""
+    threshold = SegmentConfig.threshold
+    mask = imaging.postprocess(probability, threshold)
+    qc.assess(mask, probability, second, threshold)
+    mask = imaging.resize_mask(mask, *image.shape[:2])
+    (output / f"{Path(path).stem}.png").write_bytes(imaging.encode_png(mask))
+
+
 def plain_segment(paths: Sequence[str], model_uri: str, output: Path, batch_size: int) -> None:
     """The segmenting loop: load the model, then decode, preprocess, predict (float32, Keras'
     defaults) the films and their second views, post-process, assess (:func:`lungseg.qc.assess`)
@@ -113,10 +126,7 @@ def plain_segment(paths: Sequence[str], model_uri: str, output: Path, batch_size
         probability = _predict(model, batch, batch_size)
         second = _predict(model, np.stack([qc.second_view(film) for film in batch]), batch_size)
         for path, image, p, s in zip(chunk, images, probability, second, strict=True):
-            small = imaging.postprocess(p)
-            qc.assess(small, p, s, 0.5)
-            mask = imaging.resize_mask(small, *image.shape)
-            (output / f"{Path(path).stem}.png").write_bytes(imaging.encode_png(mask))
+            _write_mask(path, image, p, s, output)
 
 
 @dataclass(frozen=True)
@@ -178,10 +188,7 @@ def stage_costs(
         output.mkdir(parents=True, exist_ok=True)
         started = _cpu_seconds()
         for path, image, p, s in zip(paths, decoded, probability, second, strict=True):
-            mask = imaging.postprocess(p)
-            qc.assess(mask, p, s, 0.5)
-            mask = imaging.resize_mask(mask, *image.shape[:2])
-            (output / f"{Path(path).stem}.png").write_bytes(imaging.encode_png(mask))
+            _write_mask(path, image, p, s, output)
         write = _cpu_seconds() - started
     finally:
         cv2.setNumThreads(threads)
