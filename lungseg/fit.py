@@ -63,7 +63,8 @@ def fit(
     settings: RecipeConfig,
     on_epoch: Callable[[dict], None] | None = None,
 ) -> FitResult:
-    """Train with Keras in this process, every step of the recipe.
+    """Train with Keras in this process, every step of the recipe, the kept model calibrated
+    (:func:`lungseg.recipe.calibrated`) on the training images.
 
     ``train`` and ``val`` are ``(images, masks)``: ``uint8`` arrays ``(n, size, size)`` of
     preprocessed X-rays and their 0/1 masks. ``on_epoch`` sees each history row as it is made.
@@ -103,7 +104,7 @@ def fit(
             best = to_bytes(model)
         if on_epoch is not None:
             on_epoch(row)
-    return FitResult(history=history, model=best)
+    return FitResult(history=history, model=recipe.calibrated(best, train[0]))
 
 
 def load_arrays(

@@ -5,8 +5,9 @@ any Keras backend: TensorFlow here, JAX on a GPU box without Ray) train alike: t
 (:func:`lungseg.model.bce_dice_loss`), Adam with :func:`learning_rate`'s cosine decay,
 :func:`augment_batch` on every training image, validation by :func:`score_validation` (the Dice
 of the masks that ``segment`` would write, post-processed, at the model's size), early stopping
-by :func:`should_stop`, and the epoch kept by :func:`best_epoch`. Knows nothing of Ray or files:
-what a run leaves behind comes out of :func:`run_files` as bytes.
+by :func:`should_stop`, the epoch kept by :func:`best_epoch`, and the kept model's
+quality-control calibration by :func:`calibrated`. Knows nothing of Ray or files: what a run
+leaves behind comes out of :func:`run_files` as bytes.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from dataclasses import asdict
 
 import numpy as np
 
-from lungseg import __version__, draw, imaging
+from lungseg import __version__, draw, imaging, modelfile, qc
 from lungseg.config import RecipeConfig, SegmentConfig
 from lungseg.layout import CURVES_FILE, METRICS_FILE, MODEL_FILE
 from lungseg.metrics import Confusion, confusion
@@ -32,6 +33,8 @@ COLUMNS = (
 PROVENANCE_FILE = "provenance.json"
 THRESHOLD = SegmentConfig.threshold
 """The probability cut of validation masks: segment's default."""
+CALIBRATION_FILMS = 512
+"""The most training films on which a trainer measures its model's calibration."""
 
 
 def learning_rate(recipe: RecipeConfig, epoch: int) -> float:
@@ -68,6 +71,26 @@ def score_validation(
     return float(np.mean([c.dice for c in cases])), float(np.mean([c.iou for c in cases]))
 
 
+def calibrated(model: bytes, images: np.ndarray) -> bytes:
+    """``model`` (``.keras`` bytes) with its :class:`lungseg.qc.Calibration` inside, measured
+    on the first :data:`CALIBRATION_FILMS` of ``images`` (uint8 ``(n, size, size)`` X-rays of
+    its training split) and their second views, at the probabilities' uint8 steps as
+    ``segment`` sees them; unchanged when :func:`lungseg.qc.calibrate` has no unit to give."""
+    from lungseg.model import load_model  # Keras, only where a model runs
+
+    network = load_model(model)
+    films = images[:CALIBRATION_FILMS]
+
+    def predict(views: np.ndarray) -> np.ndarray:
+        batch = views[..., None].astype(np.float32)
+        probability = network.predict(batch, batch_size=16, verbose=0)[..., 0]
+        return np.rint(probability * 255) / 255
+
+    seconds = np.stack([qc.second_view(film) for film in films])
+    calibration = qc.calibrate(predict(films), predict(seconds), THRESHOLD)
+    return model if calibration is None else modelfile.with_calibration(model, calibration)
+
+
 def should_stop(history: Sequence[dict], patience: int) -> bool:
     """Early stopping: ``patience`` epochs in a row without a better validation Dice (0: never)."""
     if not patience or not history or history[-1].get("val_dice") is None:
@@ -97,11 +120,12 @@ def provenance(
     recipe: RecipeConfig,
     split: dict[str, list[str]],
     history: Sequence[dict],
-    model_sha256: str,
+    model: modelfile.ModelFile,
     trainer: str,
     data: str,
 ) -> dict:
-    """What made a model: recipe, split ids, history, the kept epoch, the weights' SHA-256."""
+    """What made a model: recipe, split ids, history, the kept epoch, the model file's SHA-256
+    and quality-control calibration."""
     return {
         "lungseg": __version__,
         "trainer": trainer,
@@ -111,7 +135,8 @@ def provenance(
         "history": list(history),
         "selected_epoch": best_epoch(history),
         "selection": f"highest validation Dice after post-processing at {THRESHOLD}",
-        "model_sha256": model_sha256,
+        "model_sha256": model.sha256,
+        "qc_calibration": None if model.calibration is None else asdict(model.calibration),
     }
 
 

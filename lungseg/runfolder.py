@@ -128,9 +128,13 @@ def finish_run(
         name: [r["id"] for r in rows if r.get("split") == name and r["status"] == OK]
         for name in ("train", "val")
     }
-    record = recipe.provenance(
-        config.recipe, split, history, describe(model).sha256, trainer, config.data
-    )
+    found = describe(model)
+    if found.calibration is None:
+        logger.warning(
+            "the model draws no plausible lungs on its training films: it has no quality-control "
+            "calibration, and segment will score its masks with the bundled model's"
+        )
+    record = recipe.provenance(config.recipe, split, history, found, trainer, config.data)
     for name, content in recipe.run_files(model, history, record).items():
         store.write_bytes(storage.join(config.output, name), content)
     config_json = json.dumps(config.to_dict(), indent=2).encode()

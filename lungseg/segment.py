@@ -17,14 +17,15 @@ import logging
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 
 import cv2
 import numpy as np
 import pyarrow as pa
 
 from lungseg import catalog, draw, imaging, modelfile, outputs, pipeline, qc, storage, table
-from lungseg.config import SegmentConfig
+from lungseg.config import BUNDLED_MODEL, SegmentConfig
 from lungseg.layout import (
     ERROR,
     FLAGGED,
@@ -201,6 +202,7 @@ def write_row(
     i: int,
     output: str,
     threshold: float,
+    calibration: qc.Calibration,
     store: Store,
     overlays: bool = False,
     truth_required: bool = False,
@@ -227,7 +229,8 @@ def write_row(
         height, width = int(batch["height"][i]), int(batch["width"][i])
         probability = batch["probability"][i] / 255.0
         small = imaging.postprocess(probability, threshold)
-        quality = qc.assess(small, probability, batch["second"][i] / 255.0, threshold)
+        second = batch["second"][i] / 255.0
+        quality = qc.assess(small, probability, second, threshold, calibration)
         doubts = list(quality.reasons) if quality.implausible else []
         mask = imaging.resize_mask(small, height, width)
         uri = storage.join(output, f"{MASKS_DIR}/{name}.png")
@@ -293,7 +296,23 @@ MAKES = (
 """What a segment or evaluate job (and a report of it) writes directly under its output root."""
 
 
-def settings(config: SegmentConfig, model: modelfile.ModelFile) -> dict:
+def calibration(model: modelfile.ModelFile, name: str) -> qc.Calibration:
+    """The quality-control calibration that scores a model's masks: its own (a lungseg trainer
+    stores it in the model file); for a file without one, the bundled model's, with a
+    warning, as scores in another model's units may send more or fewer films to review."""
+    if model.calibration is not None:
+        return model.calibration
+    logger.warning(
+        "%s has no quality-control calibration (not trained by this lungseg): "
+        "qc_score uses the bundled model's, and may send more or fewer masks to review",
+        name,
+    )
+    bundled = modelfile.describe(Path(BUNDLED_MODEL).read_bytes()).calibration
+    assert bundled is not None, "the bundled model is calibrated"
+    return bundled
+
+
+def settings(config: SegmentConfig, model: modelfile.ModelFile, scoring: qc.Calibration) -> dict:
     """Every setting that changes a segment job's outputs: what its manifest records, and what
     a resumed run must share with the run it goes on with."""
     ids = None if config.ids is None else sorted(config.ids)
@@ -303,6 +322,7 @@ def settings(config: SegmentConfig, model: modelfile.ModelFile) -> dict:
         "ids_sha256": None if ids is None else hashlib.sha256("\n".join(ids).encode()).hexdigest(),
         "model_sha256": model.sha256,
         "model_input_size": model.size,
+        "qc_calibration": asdict(scoring),
         "threshold": config.threshold,
         "precision": config.precision,
         "batch_size": config.batch_size,
@@ -331,6 +351,7 @@ def run_segmentation(
     precision = pipeline.resolve_precision(config.precision, config.resources.use_gpu)
     config = replace(config, precision=precision)  # what the manifest records
     model = modelfile.describe(store.read_bytes(config.model), config.model)
+    scoring = calibration(model, config.model)
     found = catalog.find_cases(config.input, config.masks, store)
     logger.info("catalog: %s", found.summary())
     cases = found.cases if config.ids is None else found.select(config.ids)
@@ -338,13 +359,13 @@ def run_segmentation(
         store,
         config.output,
         job,
-        settings(config, model),
+        settings(config, model, scoring),
         MAKES,
         reads={"--input": config.input, "--masks": config.masks},
         resume=config.resume,
         overwrite=config.overwrite,
     ) as claim:
-        result = _segment(config, cases, model, store, claim.resumed, progress)
+        result = _segment(config, cases, model, scoring, store, claim.resumed, progress)
         if then is not None:
             then(result, store)
         claim.write_manifest(
@@ -357,6 +378,7 @@ def _segment(
     config: SegmentConfig,
     cases: Sequence[catalog.Case],
     model: modelfile.ModelFile,
+    scoring: qc.Calibration,
     store: Store,
     resume: bool,
     progress: Progress,
@@ -381,6 +403,7 @@ def _segment(
     write = {
         "output": config.output,
         "threshold": config.threshold,
+        "calibration": scoring,
         "store": store,
         "overlays": config.overlays,
         "truth_required": config.masks is not None,

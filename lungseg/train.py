@@ -293,5 +293,8 @@ def _train(
         progress.finish()
         queue.shutdown()
     model, history = _read_checkpoint(result.checkpoint)
+    films = datasets["train"].limit(recipe.CALIBRATION_FILMS).select_columns(["image"]).take_all()
+    images = np.stack([row["image"] for row in films])
+    model = ray.get(ray.remote(recipe.calibrated).remote(model, images))
     trainer = f"Ray Train, {config.workers} workers"
     return finish_run(config, store, model, history, rows, trainer, data)

@@ -3,16 +3,23 @@ single-process trainer that shares them with the Ray Train loop."""
 
 from __future__ import annotations
 
+import io
 import json
+import zipfile
+from dataclasses import asdict
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from lungseg import recipe
-from lungseg.config import ModelConfig, RecipeConfig, TrainConfig
-from lungseg.fit import fit, run_fit
+from lungseg import qc, recipe
+from lungseg.catalog import find_cases
+from lungseg.config import BUNDLED_MODEL, SAMPLE, ModelConfig, RecipeConfig, TrainConfig
+from lungseg.fit import fit, load_arrays, run_fit
 from lungseg.metrics import confusion
-from lungseg.model import load_model
+from lungseg.model import load_model, to_bytes
+from lungseg.modelfile import NOTES, ModelFile, describe, with_calibration
+from lungseg.storage import DEFAULT_STORE
 from tests.conftest import SAMPLE_IDS
 
 
@@ -81,12 +88,14 @@ def test_image_scores_are_means_over_images():
 
 def test_provenance_records_the_kept_epoch_and_the_weights():
     history = _history([0.5, 0.8, 0.7])
-    record = recipe.provenance(
-        RecipeConfig(), {"train": ["b", "a"], "val": ["c"]}, history, "ab" * 32, "test", "data"
-    )
+    model = ModelFile("ab" * 32, 256, qc.Calibration(0.02, 0.1, 2.3, 5))
+    split = {"train": ["b", "a"], "val": ["c"]}
+    record = recipe.provenance(RecipeConfig(), split, history, model, "test", "data")
     assert record["selected_epoch"] == 2
     assert record["split"] == {"train": ["a", "b"], "val": ["c"]}
     assert record["model_sha256"] == "ab" * 32 and record["recipe"]["epochs"] == 40
+    calibration = {"disagreement": 0.02, "uncertain": 0.1, "review_risk": 2.3, "films": 5}
+    assert record["qc_calibration"] == calibration
     json.dumps(record)  # plain JSON
 
 
@@ -120,7 +129,7 @@ def test_fit_trains_keeps_the_epoch_best_epoch_picks_and_its_weights():
     )
 
 
-def test_single_process_run_writes_the_run_folder(tmp_path):
+def test_single_process_run_writes_the_run_folder(tmp_path, caplog):
     split = tmp_path / "split.json"
     split.write_text(json.dumps({"train": SAMPLE_IDS[4:8], "val": SAMPLE_IDS[:2]}))
     config = TrainConfig(
@@ -137,4 +146,35 @@ def test_single_process_run_writes_the_run_folder(tmp_path):
     assert record["selected_epoch"] == result.best_epoch
     assert record["split"] == {"train": sorted(SAMPLE_IDS[4:8]), "val": sorted(SAMPLE_IDS[:2])}
     assert record["trainer"].startswith("single process")
+    # Two epochs on four films draw no lungs: no calibration to measure, said in the log.
+    assert record["qc_calibration"] is None
+    assert describe((run / "model.keras").read_bytes()).calibration is None
+    assert "has no quality-control calibration" in caplog.text
     assert result.images == 16 and result.flagged == 10 and result.failed == 0
+
+
+def test_a_trained_model_carries_its_quality_control_calibration_in_its_file():
+    bundled = Path(BUNDLED_MODEL).read_bytes()
+    bare = to_bytes(load_model(bundled))  # saved by Keras alone: no notes of lungseg's
+    assert describe(bare).calibration is None
+    images, _, _ = load_arrays(find_cases(SAMPLE, store=DEFAULT_STORE).cases, 256, DEFAULT_STORE)
+    calibrated = recipe.calibrated(bare, images)
+    assert recipe.calibrated(bare, images) == calibrated  # the same bytes for the same model
+    found = describe(calibrated).calibration
+    assert found is not None and found.films == len(images) == 16  # every mask plausible
+    # The sample's 16 films are the bundled model's own training films: its calibration on
+    # the 472 of them is of the same order.
+    own = describe(bundled).calibration
+    assert 0.5 < found.disagreement / own.disagreement < 2
+    assert 0.5 < found.uncertain / own.uncertain < 2
+    assert 0.5 < found.review_risk / own.review_risk < 2
+    films = images[:2, ..., None].astype(np.float32)
+    np.testing.assert_array_equal(
+        load_model(calibrated).predict(films, verbose=0), load_model(bare).predict(films, verbose=0)
+    )
+    other = qc.Calibration(0.1, 0.2, 2.5, 3)
+    replaced = with_calibration(calibrated, other)
+    assert describe(replaced).calibration == other
+    with zipfile.ZipFile(io.BytesIO(replaced)) as archive:
+        assert archive.namelist().count(NOTES) == 1
+        assert json.loads(archive.read(NOTES)) == {"qc": asdict(other)}

@@ -13,7 +13,7 @@ import subprocess
 import sys
 import time
 import tracemalloc
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import cv2
@@ -109,10 +109,24 @@ def test_2_the_manifest_says_what_made_the_output(earlier_run, model_path):
 
     assert settings["model_sha256"] == describe(Path(model_path).read_bytes()).sha256
     assert settings["model_input_size"] == 256
+    # A model file that Keras saved alone has no calibration: the bundled model's scores it.
+    bundled = describe(Path(BUNDLED_MODEL).read_bytes()).calibration
+    assert settings["qc_calibration"] == asdict(bundled)
     # The default, auto, is recorded as what it became on this machine.
     assert (settings["threshold"], settings["precision"]) == (0.5, AUTO_PRECISION)
     assert settings["masks"] == config.masks and settings["input"] == config.input
     assert not (out / LOCK_FILE).exists(), "the lock goes with the job"
+
+
+def test_2_a_model_without_a_calibration_is_scored_in_the_bundled_ones_units(model_path, caplog):
+    from lungseg.modelfile import describe
+    from lungseg.segment import calibration
+
+    bundled = describe(Path(BUNDLED_MODEL).read_bytes())
+    assert calibration(bundled, BUNDLED_MODEL) == bundled.calibration is not None
+    assert not caplog.text
+    assert calibration(describe(Path(model_path).read_bytes()), model_path) == bundled.calibration
+    assert f"{model_path} has no quality-control calibration" in caplog.text
 
 
 @pytest.mark.parametrize(

@@ -20,7 +20,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from lungseg import imaging, qc
+from lungseg import imaging, modelfile, qc, segment
 from lungseg.config import SegmentConfig
 
 TRAIN_LEARNING_RATE = 1e-3
@@ -88,6 +88,14 @@ def plain_preprocess(paths: Sequence[str], size: int) -> None:
         imaging.resize_image(imaging.load_image(Path(path).read_bytes(), path), size)
 
 
+def _load(model_uri: str) -> tuple:
+    """The Keras model of a local ``.keras`` file and the calibration that scores its masks."""
+    from lungseg.model import load_model
+
+    data = Path(model_uri).read_bytes()
+    return load_model(data), segment.calibration(modelfile.describe(data), model_uri)
+
+
 def _predict(model, films: np.ndarray, batch_size: int) -> np.ndarray:
     """The model's probabilities for a stack of uint8 films, ``batch_size`` at a time."""
     return np.concatenate(
@@ -99,13 +107,18 @@ def _predict(model, films: np.ndarray, batch_size: int) -> np.ndarray:
 
 
 def _write_mask(
-    path: str, image: np.ndarray, probability: np.ndarray, second: np.ndarray, output: Path
+    path: str,
+    image: np.ndarray,
+    probability: np.ndarray,
+    second: np.ndarray,
+    calibration: qc.Calibration,
+    output: Path,
 ) -> None:
     """What the job does with a film's probabilities: post-process and assess them at segment's
     default threshold, resize the mask to the film, write its PNG."""
     threshold = SegmentConfig.threshold
     mask = imaging.postprocess(probability, threshold)
-    qc.assess(mask, probability, second, threshold)
+    qc.assess(mask, probability, second, threshold, calibration)
     mask = imaging.resize_mask(mask, *image.shape[:2])
     (output / f"{Path(path).stem}.png").write_bytes(imaging.encode_png(mask))
 
@@ -114,9 +127,7 @@ def plain_segment(paths: Sequence[str], model_uri: str, output: Path, batch_size
     """The segmenting loop: load the model, then decode, preprocess, predict (float32, Keras'
     defaults) the films and their second views, post-process, assess (:func:`lungseg.qc.assess`)
     and write the masks batch by batch, in one process."""
-    from lungseg.model import load_model
-
-    model = load_model(Path(model_uri).read_bytes())
+    model, calibration = _load(model_uri)
     size = int(model.input_shape[1])
     output.mkdir(parents=True, exist_ok=True)
     for start in range(0, len(paths), batch_size):
@@ -126,7 +137,7 @@ def plain_segment(paths: Sequence[str], model_uri: str, output: Path, batch_size
         probability = _predict(model, batch, batch_size)
         second = _predict(model, np.stack([qc.second_view(film) for film in batch]), batch_size)
         for path, image, p, s in zip(chunk, images, probability, second, strict=True):
-            _write_mask(path, image, p, s, output)
+            _write_mask(path, image, p, s, calibration, output)
 
 
 @dataclass(frozen=True)
@@ -161,9 +172,10 @@ def stage_costs(
     paths: Sequence[str], model_uri: str, batch_size: int, precision: str, output: Path
 ) -> StageCosts:
     """:class:`StageCosts` over ``paths`` (a batch or more of them)."""
-    from lungseg.model import load_model, with_precision
+    from lungseg.model import with_precision
 
-    model = with_precision(load_model(Path(model_uri).read_bytes()), precision)
+    model, calibration = _load(model_uri)
+    model = with_precision(model, precision)
     size = int(model.input_shape[1])
     threads = cv2.getNumThreads()
     cv2.setNumThreads(1)
@@ -188,7 +200,7 @@ def stage_costs(
         output.mkdir(parents=True, exist_ok=True)
         started = _cpu_seconds()
         for path, image, p, s in zip(paths, decoded, probability, second, strict=True):
-            _write_mask(path, image, p, s, output)
+            _write_mask(path, image, p, s, calibration, output)
         write = _cpu_seconds() - started
     finally:
         cv2.setNumThreads(threads)
