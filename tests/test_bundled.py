@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import statistics
+from dataclasses import asdict
 from pathlib import Path
 
 import cv2
@@ -41,12 +42,16 @@ def test_bundled_files_ship_inside_the_package():
 
 def test_the_provenance_beside_the_bundled_weights_is_theirs():
     record = json.loads(Path(BUNDLED_PROVENANCE).read_text())
-    assert record["model_sha256"] == describe(Path(BUNDLED_MODEL).read_bytes()).sha256
+    model = describe(Path(BUNDLED_MODEL).read_bytes())
+    assert record["model_sha256"] == model.sha256
+    # The calibration inside the file is the one recorded, measured on the 472 training films.
+    assert model.calibration is not None and model.calibration.films == 472
+    assert record["qc_calibration"] == asdict(model.calibration)
     split = json.loads(Path(BUNDLED_SPLIT).read_text())
     assert record["split"] == {"train": sorted(split["train"]), "val": sorted(split["val"])}
     assert RecipeConfig(**{**record["recipe"], "model": RecipeConfig().model}).epochs == 150
     # The epoch was chosen by the rule that every trainer now shares.
-    rule = recipe.provenance(RecipeConfig(), {}, [], "", "", "")["selection"]
+    rule = recipe.provenance(RecipeConfig(), {}, [], model, "", "")["selection"]
     assert record["selection"] == rule
     assert 1 <= record["selected_epoch"] <= record["recipe"]["epochs"]
 
