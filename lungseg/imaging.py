@@ -448,6 +448,12 @@ def keep_largest(mask: np.ndarray, keep: int = 2) -> np.ndarray:
     return np.isin(labels, kept).astype(np.uint8)
 
 
+def probability_bytes(probability: np.ndarray) -> np.ndarray:
+    """Probabilities in [0, 1] as ``uint8`` steps of 1/255, the form in which segment hands them
+    from the model to the writing step (a quarter of float32's bytes)."""
+    return np.rint(np.asarray(probability) * 255).astype(np.uint8)
+
+
 def postprocess(probability: np.ndarray, threshold: float = 0.5, keep: int = 2) -> np.ndarray:
     """Probability map to a clean 0/1 lung mask: threshold, keep the two lungs, fill holes."""
     mask = (probability >= threshold).astype(np.uint8)

@@ -83,8 +83,8 @@ def calibrated(model: bytes, images: np.ndarray) -> bytes:
 
     def predict(views: np.ndarray) -> np.ndarray:
         batch = views[..., None].astype(np.float32)
-        probability = network.predict(batch, batch_size=16, verbose=0)[..., 0]
-        return np.rint(probability * 255) / 255
+        probability = network.predict(batch, batch_size=SegmentConfig.batch_size, verbose=0)
+        return imaging.probability_bytes(probability[..., 0]) / 255.0
 
     seconds = np.stack([qc.second_view(film) for film in films])
     calibration = qc.calibrate(predict(films), predict(seconds), THRESHOLD)

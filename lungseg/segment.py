@@ -164,8 +164,7 @@ class Segmenter:
         n = len(films)
         images = np.zeros((max(n, self.batch_size), *films.shape[1:], 1), np.uint8)
         images[:n, ..., 0] = films
-        predicted = self.model.predict_on_batch(images)[:n, ..., 0]
-        return np.rint(np.asarray(predicted) * 255).astype(np.uint8)
+        return imaging.probability_bytes(self.model.predict_on_batch(images)[:n, ..., 0])
 
 
 def _row(

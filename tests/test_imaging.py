@@ -21,6 +21,7 @@ from lungseg.imaging import (
     merge_masks,
     normalise,
     postprocess,
+    probability_bytes,
     resize_image,
     resize_mask,
     to_grayscale,
@@ -373,6 +374,12 @@ def test_fill_holes_mask_touching_border_with_inner_hole() -> None:
     mask = np.ones((3, 3), np.uint8)
     mask[1, 1] = 0
     assert fill_holes(mask).tolist() == [[1, 1, 1], [1, 1, 1], [1, 1, 1]]
+
+
+def test_probability_bytes_round_to_the_nearest_step_of_1_255() -> None:
+    steps = probability_bytes(np.array([0.0, 0.5 / 255, 0.1, 0.5, 0.998, 1.0], np.float32))
+    assert steps.dtype == np.uint8
+    assert steps.tolist() == [0, 0, 26, 128, 254, 255]  # rint: half to even, 127.5 -> 128
 
 
 def test_postprocess_probability_map() -> None:
