@@ -7,6 +7,12 @@ Works on local paths and ``s3://`` URIs alike; returned URIs keep the caller's f
 Images are files with a suffix in ``IMAGE_SUFFIXES``, and files without any suffix (as in PACS
 exports) whose first bytes are a DICOM preamble; a ``DICOMDIR`` index is never an image.
 
+Ids are file stems; where two images share a stem (a PACS export's ``PAT1/SER1/IM000001`` and
+``PAT2/SER1/IM000001``), their ids are their paths below the root instead, without the layout's
+``images`` folders and the suffix (``PAT1/SER1/IM000001``), and masks pair with them by the same
+path below their mask folder. Files that cannot be images (a FIFO or a folder named ``x.png``,
+a suffix-less file that cannot be read to tell whether it is DICOM) are skipped and named.
+
 Each case also gets the stem of its output files (:func:`output_name`): its id where that is a
 safe, portable file name, else a sanitised id plus a hash of it, so that no id can write outside
 the output root or onto another id's files, even on a case-insensitive file system.
@@ -21,9 +27,10 @@ import math
 import os
 import posixpath
 import re
+import stat
 from collections import Counter, defaultdict
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
@@ -37,6 +44,7 @@ logger = logging.getLogger(__name__)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm")
 
 _MASK_DIRS = frozenset({"masks", "mask", "manualmask", "leftmask", "rightmask"})
+_IMAGE_DIRS = frozenset({"images", "image"})  # left out of an id made from a path
 _SIDES = ("left", "right")
 _MASK_SUFFIX = "_mask"
 _SUMMARY_IDS = 5
@@ -62,6 +70,9 @@ class Case:
     image: str
     masks: tuple[str, ...] = ()
     name: str = ""  # the stem of the case's output files; default: output_name(id)
+    # What the listing said of the image, then of each mask: "<size>:<mtime in ns>". A resumed
+    # run compares it with a row's to know, without reading, that an input is unchanged.
+    stamps: tuple[str, ...] = field(default=(), compare=False)
 
     def __post_init__(self) -> None:
         if not self.name:
@@ -100,10 +111,12 @@ def _output_names(ids: Iterable[str]) -> dict[str, str]:
 
 @dataclass(frozen=True)
 class Catalog:
-    """All cases under a root (sorted by id) and the mask files whose image was not found."""
+    """All cases under a root (sorted by id), the mask files whose image was not found, and the
+    files skipped as no image, each with the reason (``(uri, why)``)."""
 
     cases: tuple[Case, ...]
     orphan_masks: tuple[str, ...]
+    skipped: tuple[tuple[str, str], ...] = ()
 
     @property
     def labelled(self) -> tuple[Case, ...]:
@@ -136,18 +149,39 @@ class Catalog:
         if unlabelled:
             more = ", ..." if len(unlabelled) > _SUMMARY_IDS else ""
             line += f" (first few ids: {', '.join(unlabelled[:_SUMMARY_IDS])}{more})"
-        return f"{line}, {len(self.orphan_masks)} masks without an image"
+        line = f"{line}, {len(self.orphan_masks)} masks without an image"
+        if self.skipped:
+            named = ", ".join(f"{uri} ({why})" for uri, why in self.skipped[:_SUMMARY_IDS])
+            more = ", ..." if len(self.skipped) > _SUMMARY_IDS else ""
+            line += f", {len(self.skipped)} files skipped: {named}{more}"
+        return line
 
 
 @dataclass(frozen=True)
 class _File:
     uri: str
-    dirs: tuple[str, ...]  # directory components relative to the walked root, lower-cased
-    stem: str
+    folders: tuple[str, ...]  # directory components relative to the walked root, as named
+    name: str  # the file's name
+    stamp: str  # "<size>:<mtime in ns>"
+
+    @property
+    def stem(self) -> str:
+        return posixpath.splitext(self.name)[0]
+
+    @property
+    def dirs(self) -> tuple[str, ...]:
+        """The folders, lower-cased (layouts are recognised whatever the case)."""
+        return tuple(d.lower() for d in self.folders)
+
+    def path_id(self, stem: str, layout: frozenset[str]) -> str:
+        """``stem`` below the folders that are not named like ``layout``'s: an id unique where
+        stems clash."""
+        return "/".join([*(d for d in self.folders if d.lower() not in layout), stem])
 
 
-def _walk(uri: str, what: str, store: Store) -> list[_File]:
-    """Every non-hidden file with an image suffix under ``uri``, recursively."""
+def _walk(uri: str, what: str, store: Store) -> tuple[list[_File], list[tuple[str, str]]]:
+    """Every non-hidden file with an image suffix under ``uri``, recursively, and the files
+    skipped as no image with the reason."""
     fs, root = store.resolve(uri)
     kind = store.file_type(uri)
     if kind == pafs.FileType.NotFound:
@@ -155,41 +189,59 @@ def _walk(uri: str, what: str, store: Store) -> list[_File]:
     if kind != pafs.FileType.Directory:
         raise CatalogError(f"{what} root is not a directory: {uri}")
     scheme = urlparse(uri).scheme if is_remote(uri) else None
-    files = []
+    skipped: list[tuple[str, str]] = []
     if scheme:
         with explained(uri):
             listing = fs.get_file_info(pafs.FileSelector(root, recursive=True))
-        paths = [info.path for info in listing if info.type == pafs.FileType.File]
+        found = [
+            (i.path, f"{i.size}:{i.mtime_ns}") for i in listing if i.type == pafs.FileType.File
+        ]
+        skipped = [
+            (f"{scheme}://{i.path}", "a folder, not an image file")
+            for i in listing
+            if i.type == pafs.FileType.Directory and _image_suffix(i.path)
+        ]
     else:
-        paths = _local_files(root, what, uri)
-    for path in paths:
+        found = _local_files(root, what, uri, skipped)
+    files = []
+    for path, stamp in found:
         parts = path[len(root) :].lstrip("/").split("/")
         if any(p.startswith(".") for p in parts):
             continue
         stem, suffix = posixpath.splitext(parts[-1])
-        if suffix.lower() not in IMAGE_SUFFIXES and not (
-            not suffix and _is_dicom_file(fs, path, stem)
-        ):
-            continue
-        files.append(
-            _File(
-                uri=f"{scheme}://{path}" if scheme else path,
-                dirs=tuple(p.lower() for p in parts[:-1]),
-                stem=stem,
-            )
-        )
-    return files
+        shown = f"{scheme}://{path}" if scheme else path
+        if not _image_suffix(path):
+            if suffix:
+                continue
+            try:
+                if not _is_dicom_file(fs, path, stem):
+                    continue
+            except OSError as exc:
+                skipped.append((shown, f"could not be read to tell whether it is DICOM: {exc}"))
+                continue
+        files.append(_File(uri=shown, folders=tuple(parts[:-1]), name=parts[-1], stamp=stamp))
+    for where, why in skipped:
+        logger.warning("catalog: skipped %s: %s", where, why)
+    return files, sorted(skipped)
+
+
+def _image_suffix(path: str) -> bool:
+    return posixpath.splitext(path.rstrip("/"))[1].lower() in IMAGE_SUFFIXES
 
 
 def _inside(path: str, folder: str) -> bool:
     return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
 
 
-def _local_files(root: str, what: str, uri: str) -> list[str]:
-    """The files under a local ``root`` (hidden ones left out). Folders are walked before the
-    symbolic links to folders, and a link is followed only where it stays inside ``root`` and
-    leads to a folder not walked yet (so never into a loop); every link skipped is named in a
-    warning. A name that is not UTF-8 is a :class:`CatalogError`."""
+def _local_files(
+    root: str, what: str, uri: str, skipped: list[tuple[str, str]]
+) -> list[tuple[str, str]]:
+    """The files under a local ``root`` (hidden ones left out) with their stamps. Folders are
+    walked before the symbolic links to folders, and a link is followed only where it stays
+    inside ``root`` and leads to a folder not walked yet (so never into a loop); every link
+    skipped is named in a warning. Anything else named like an image (a FIFO, a socket, a
+    device, a folder) goes to ``skipped`` with what it is. A name that is not UTF-8 is a
+    :class:`CatalogError`."""
     top = os.path.realpath(root)
     walked, files, pending, links = {top}, [], [root], []
     while pending or links:
@@ -216,14 +268,33 @@ def _local_files(root: str, what: str, uri: str) -> list[str]:
             if entry.is_symlink() and not _inside(os.path.realpath(entry.path), top):
                 logger.warning("catalog: skipped %s: a link out of the %s root", entry.path, what)
             elif entry.is_dir():
+                if _image_suffix(entry.name):
+                    skipped.append((entry.path, "a folder, not an image file"))
                 if entry.is_symlink():
                     links.append(entry.path)
                 else:
                     walked.add(os.path.realpath(entry.path))
                     pending.append(entry.path)
             elif entry.is_file():
-                files.append(entry.path)
+                info = entry.stat()
+                files.append((entry.path, f"{info.st_size}:{info.st_mtime_ns}"))
+            elif _image_suffix(entry.name):
+                skipped.append((entry.path, f"not a regular file ({_kind(entry)})"))
     return files
+
+
+def _kind(entry: os.DirEntry) -> str:
+    """What a directory entry that is neither a file nor a folder is."""
+    try:
+        mode = entry.stat(follow_symlinks=False).st_mode
+    except OSError:
+        return "unreadable"
+    for test, name in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return name
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device"
+    return "a broken link" if stat.S_ISLNK(mode) else "not a file"
 
 
 def _is_dicom_file(fs: pafs.FileSystem, path: str, name: str) -> bool:
@@ -250,11 +321,11 @@ def _side(f: _File) -> str | None:
     return None
 
 
-def _pair_masks(case_id: str, masks: list[_File]) -> tuple[str, ...]:
-    """The mask tuple for one image: a single full mask or a complete left+right pair."""
-    by_side = {_side(m): m.uri for m in masks}
+def _pair_masks(case_id: str, masks: list[_File]) -> tuple[_File, ...]:
+    """The mask files of one image: a single full mask or a complete left+right pair."""
+    by_side = {_side(m): m for m in masks}
     if len(masks) == 1 and None in by_side:
-        return (masks[0].uri,)
+        return (masks[0],)
     if len(masks) == 2 and set(by_side) == set(_SIDES):
         return tuple(by_side[s] for s in _SIDES)
     names = ", ".join(sorted(m.uri for m in masks))
@@ -270,19 +341,23 @@ def find_cases(images: str, masks: str | None = None, store: Store = DEFAULT_STO
     ``masks``/``mask``/``ManualMask``/``leftMask``/``rightMask`` or its stem ends in ``_mask``
     (all case-insensitive); otherwise it is an image. With ``masks`` given, every file under it
     is a mask and every file under ``images`` is an image unless its stem ends in ``_mask``.
-    Ids are image stems and must be unique; a mask's id is its stem without ``_mask``. Ids that
-    differ only in case are distinct cases, with hashed output names (:func:`output_name`).
+    Ids are image stems; images that share a stem get their paths as ids (see the module
+    docstring). A mask's id is its stem without ``_mask`` (its path below the mask folders,
+    for an image whose id is its path). Ids that differ only in case are distinct cases, with
+    hashed output names (:func:`output_name`).
     """
     image_files: list[_File] = []
     mask_files: list[_File] = []
+    found, skipped = _walk(images, "images", store)
     if masks is None:
-        for f in _walk(images, "images", store):
+        for f in found:
             is_mask = _is_mask_stem(f.stem) or any(d in _MASK_DIRS for d in f.dirs)
             (mask_files if is_mask else image_files).append(f)
     else:
-        mask_files = _walk(masks, "masks", store)
+        mask_files, more = _walk(masks, "masks", store)
+        skipped = sorted({*skipped, *more})
         mask_uris = {m.uri for m in mask_files}
-        for f in _walk(images, "images", store):
+        for f in found:
             if f.uri in mask_uris:  # the masks root is nested inside the images root
                 continue
             (mask_files if _is_mask_stem(f.stem) else image_files).append(f)
@@ -291,30 +366,48 @@ def find_cases(images: str, masks: str | None = None, store: Store = DEFAULT_STO
         raise CatalogError(
             f"no images with suffixes {suffixes} (or suffix-less DICOM) found under {images}"
         )
-
-    by_id: dict[str, list[str]] = defaultdict(list)
-    for f in image_files:
-        by_id[f.stem].append(f.uri)
-    clashes = {i: sorted(u) for i, u in by_id.items() if len(u) > 1}
-    if clashes:
-        listed = "; ".join(f"{i}: {', '.join(u)}" for i, u in sorted(clashes.items()))
-        raise CatalogError(f"image ids (file stems) must be unique, clashing files: {listed}")
-
+    by_id, by_path = _image_ids(image_files)
     masks_by_id: dict[str, list[_File]] = defaultdict(list)
     for m in mask_files:
-        masks_by_id[_mask_id(m.stem)].append(m)
+        key = _mask_id(m.stem)
+        if key in by_id and key not in by_path:
+            masks_by_id[key].append(m)
+        else:
+            masks_by_id[m.path_id(key, _MASK_DIRS | _IMAGE_DIRS)].append(m)
     names = _output_names(by_id)
-    cases = tuple(
-        Case(
-            id=i,
-            image=u[0],
-            masks=_pair_masks(i, masks_by_id[i]) if i in masks_by_id else (),
-            name=names[i],
-        )
-        for i, u in sorted(by_id.items())
-    )
+    cases = []
+    for i, f in sorted(by_id.items()):
+        paired = _pair_masks(i, masks_by_id[i]) if i in masks_by_id else ()
+        stamps = (f.stamp, *(m.stamp for m in paired))
+        cases.append(Case(i, f.uri, tuple(m.uri for m in paired), names[i], stamps))
     orphans = sorted(m.uri for i, ms in masks_by_id.items() if i not in by_id for m in ms)
-    return Catalog(cases=cases, orphan_masks=tuple(orphans))
+    return Catalog(cases=tuple(cases), orphan_masks=tuple(orphans), skipped=tuple(skipped))
+
+
+def _image_ids(files: list[_File]) -> tuple[dict[str, _File], set[str]]:
+    """Each image's id (its stem; its path where stems clash, with its suffix where even the
+    paths clash) and the set of the ids made from paths."""
+    by_stem: dict[str, list[_File]] = defaultdict(list)
+    for f in files:
+        by_stem[f.stem].append(f)
+    by_id: dict[str, _File] = {}
+    by_path: set[str] = set()
+    for stem, group in by_stem.items():
+        if len(group) == 1:
+            by_id[stem] = group[0]
+            continue
+        paths = Counter(f.path_id(stem, _IMAGE_DIRS) for f in group)
+        for f in group:
+            key = f.path_id(stem, _IMAGE_DIRS)
+            key = key if paths[key] == 1 else f.path_id(f.name, _IMAGE_DIRS)
+            if key in by_id:
+                raise CatalogError(
+                    f"image ids must be unique, and these files would share {key!r}: "
+                    f"{by_id[key].uri}, {f.uri}"
+                )
+            by_id[key] = f
+            by_path.add(key)
+    return by_id, by_path
 
 
 def split_ids(ids: Iterable[str], val_fraction: float) -> tuple[list[str], list[str]]:

@@ -98,8 +98,8 @@ class ResourceConfig:
             f"--preprocess-actors must be at least 1, got {self.preprocess_actors}",
         )
         _check(
-            self.actor_cpus is None or self.actor_cpus > 0,
-            f"--actor-cpus must be > 0, got {self.actor_cpus}",
+            self.actor_cpus is None or (math.isfinite(self.actor_cpus) and self.actor_cpus > 0),
+            f"--actor-cpus must be a number > 0, got {self.actor_cpus}",
         )
 
 
@@ -129,8 +129,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         _check(self.workers >= 1, f"--workers must be at least 1, got {self.workers}")
         _check(
-            self.worker_cpus is None or self.worker_cpus > 0,
-            f"--worker-cpus must be > 0, got {self.worker_cpus}",
+            self.worker_cpus is None or (math.isfinite(self.worker_cpus) and self.worker_cpus > 0),
+            f"--worker-cpus must be a number > 0, got {self.worker_cpus}",
         )
         _check(
             0 <= self.val_fraction < 1, f"--val-fraction must be in [0, 1), got {self.val_fraction}"

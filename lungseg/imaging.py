@@ -396,15 +396,19 @@ def resize_image(image: np.ndarray, size: int) -> np.ndarray:
 
 
 def binarise(mask: np.ndarray) -> np.ndarray:
-    """A decoded mask file (any dtype or channels) to 0/1.
+    """A decoded mask file (any dtype or channels) to 0/1: any non-zero pixel is lung.
 
-    Lung is above half the dtype's maximum (128 of 255), except in a mask holding only 0 and 1,
-    where 1 is lung.
+    So 0/255 and 0/1 masks, 16-bit ones and label maps (lungseg's own ``labels/``: 1 right
+    lung, 2 left) all read alike; in colour, a pixel with any non-zero channel is lung (an
+    alpha channel is dropped first).
     """
-    gray = to_grayscale(mask)
-    if gray.max() <= 1:
-        return (gray > 0).astype(np.uint8)
-    return (gray > np.iinfo(gray.dtype).max / 2).astype(np.uint8)
+    if mask.ndim == 3 and mask.shape[2] == 4:
+        mask = mask[:, :, :3]
+    if mask.ndim == 3:
+        return np.any(mask != 0, axis=2).astype(np.uint8)
+    if mask.ndim != 2:
+        raise ImageDecodeError(f"unsupported mask shape {mask.shape}")
+    return (mask != 0).astype(np.uint8)
 
 
 def merge_masks(masks: list[np.ndarray]) -> np.ndarray:

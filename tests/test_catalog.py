@@ -185,18 +185,71 @@ def test_mask_next_to_image(tmp_path: Path) -> None:
     assert find_cases(str(tmp_path / "all"), masks=str(tmp_path / "nomasks")) == cat
 
 
-def test_clashing_image_ids(tmp_path: Path) -> None:
+def test_clashing_stems_get_their_paths_as_ids(tmp_path: Path) -> None:
+    """Trust issue case 8: images sharing a stem used to stop the catalog ("image ids must be
+    unique"); their ids are now their paths below the root, without layout folders."""
     p1 = _png(tmp_path / "images" / "a.png")
     p2 = _png(tmp_path / "images" / "a.jpg")
     p3 = _png(tmp_path / "other" / "a.png")
-    _png(tmp_path / "images" / "b.png")
+    b = _png(tmp_path / "images" / "b.png")
+    m3 = _png(tmp_path / "masks" / "other" / "a.png")  # pairs by its path below masks/
 
-    with pytest.raises(CatalogError) as err:
-        find_cases(str(tmp_path))
+    cat = find_cases(str(tmp_path))
+    assert {c.id: c.image for c in cat.cases} == {"a.jpg": p2, "a.png": p1, "other/a": p3, "b": b}
+    assert {c.id: c.masks for c in cat.cases}["other/a"] == (m3,)
+    names = [c.name for c in cat.cases]
+    assert len(set(names)) == 4 and all("/" not in n for n in names)
+    assert cat.orphan_masks == ()
 
-    for p in (p1, p2, p3):
-        assert p in str(err.value)
-    assert "b.png" not in str(err.value)
+
+def test_a_pacs_export_of_suffix_less_dicoms_with_repeated_names(tmp_path: Path) -> None:
+    from tests.test_dicom import dicom_bytes, sample_picture
+
+    for patient in ("PAT1", "PAT2"):
+        path = tmp_path / "DICOM" / patient / "SER1" / "IM000001"
+        path.parent.mkdir(parents=True)
+        path.write_bytes(dicom_bytes(sample_picture()))
+    cat = find_cases(str(tmp_path))
+    assert _ids(cat.cases) == ["DICOM/PAT1/SER1/IM000001", "DICOM/PAT2/SER1/IM000001"]
+    assert cat.cases[0].name != cat.cases[1].name
+
+
+def test_things_named_like_images_that_are_not_files_are_skipped_by_name(tmp_path: Path) -> None:
+    """Trust issue case 8: a FIFO named x.png was skipped without a word, and an unreadable
+    suffix-less file crashed the whole job."""
+    good = _png(tmp_path / "good.png")
+    os.mkfifo(tmp_path / "x.png")
+    (tmp_path / "folder.png").mkdir()
+    os.symlink(tmp_path / "gone.png", tmp_path / "dead.png")
+    cat = find_cases(str(tmp_path))
+    assert [c.image for c in cat.cases] == [good]
+    assert dict(cat.skipped) == {
+        str(tmp_path / "x.png"): "not a regular file (a FIFO)",
+        str(tmp_path / "folder.png"): "a folder, not an image file",
+        str(tmp_path / "dead.png"): "not a regular file (a broken link)",
+    }
+    assert "3 files skipped" in cat.summary()
+    assert "x.png (not a regular file (a FIFO))" in cat.summary()
+
+
+def test_a_suffix_less_file_that_cannot_be_read_is_skipped_by_name(tmp_path, monkeypatch):
+    """It used to crash the whole job. (The test runs as root in CI, who reads any file, so the
+    read fails by a stand-in for the 132-byte read.)"""
+    from lungseg import catalog
+
+    good = _png(tmp_path / "good.png")
+    (tmp_path / "IM0001").write_bytes(b"\0" * 200)
+
+    def unreadable(fs, path, name):
+        raise PermissionError(13, "Permission denied", path)
+
+    monkeypatch.setattr(catalog, "_is_dicom_file", unreadable)
+    cat = find_cases(str(tmp_path))
+    assert [c.image for c in cat.cases] == [good]
+    ((where, why),) = cat.skipped
+    assert where == str(tmp_path / "IM0001")
+    assert why.startswith("could not be read to tell whether it is DICOM: ")
+    assert "Permission denied" in why
 
 
 def test_ambiguous_masks(tmp_path: Path) -> None:

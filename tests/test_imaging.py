@@ -254,11 +254,27 @@ def test_binarise(mask: np.ndarray) -> None:
 
 
 @pytest.mark.parametrize(
-    ("dtype", "below", "above"),
-    [(np.uint8, 127, 128), (np.uint16, 32767, 32768)],  # half of 255 is 127.5, of 65535 32767.5
+    "mask",
+    [
+        np.array([[0, 1], [1, 0]], np.uint8),  # 0/1
+        np.array([[0, 1], [2, 0]], np.uint8),  # lungseg's own labels: right lung 1, left 2
+        np.array([[0, 255], [255, 0]], np.uint16),  # 16-bit 0/255
+        np.array([[0, 1], [1, 0]], np.uint16),
+        np.array([[0, 128], [1, 0]], np.uint8),  # any non-zero value, not only above half
+        np.stack([np.zeros((2, 2), np.uint8)] * 2 + [CROSS], axis=-1),  # red lungs (BGR)
+        np.stack([CROSS, np.zeros((2, 2), np.uint8), np.zeros((2, 2), np.uint8)], -1),  # blue
+    ],
+    ids=["0-1", "labels", "16-bit 0-255", "16-bit 0-1", "any value", "red", "blue"],
 )
-def test_binarise_threshold_is_half_the_dtype_max(dtype: type, below: int, above: int) -> None:
-    assert binarise(np.array([[below, above]], dtype)).tolist() == [[0, 1]]
+def test_binarise_reads_any_non_zero_pixel_as_lung(mask: np.ndarray) -> None:
+    """Trust issue case 5: these used to read as empty masks (Dice 0.0000, status ok)."""
+    assert binarise(mask).tolist() == [[0, 1], [1, 0]]
+
+
+def test_binarise_drops_alpha_before_looking_at_colour() -> None:
+    transparent_black = np.zeros((2, 2, 4), np.uint8)
+    transparent_black[..., 3] = 255
+    assert binarise(transparent_black).tolist() == [[0, 0], [0, 0]]
 
 
 def test_merge_masks_pixelwise_max() -> None:
