@@ -12,7 +12,7 @@ draws a contact sheet of the first inputs beside their cleaned results.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
 import cv2
@@ -23,6 +23,7 @@ from lungseg import catalog, imaging, outputs, pipeline, storage, table
 from lungseg.config import CleanConfig, CleanParams
 from lungseg.draw import contact_sheet
 from lungseg.layout import (
+    CLEAN,
     CLEAN_TABLE,
     CLEANED_DIR,
     CONTACT_SHEET,
@@ -38,8 +39,6 @@ __all__ = ["CleanParams", "CleanResult", "Cleaner", "clean_image", "run_cleaning
 
 logger = logging.getLogger(__name__)
 
-MAKES = (CLEAN_TABLE, CLEAN_TABLE + table.JOURNAL_SUFFIX, CLEANED_DIR, MASKS_DIR, CONTACT_SHEET)
-"""What a clean job writes directly under its output root."""
 SHEET_COLUMNS = 4  # input/cleaned pairs per row of the contact sheet
 DEFAULT_PARAMS = CleanParams()
 SCHEMA = pa.schema(
@@ -55,6 +54,9 @@ SCHEMA = pa.schema(
         ("foreground_fraction", pa.float64()),
         ("status", pa.string()),
         ("error", pa.string()),
+        ("source_fingerprint", pa.string()),
+        ("cleaned_fingerprint", pa.string()),
+        ("mask_fingerprint", pa.string()),
     ]
 )
 
@@ -168,6 +170,12 @@ def clean_image(gray: np.ndarray, params: CleanParams = DEFAULT_PARAMS) -> Clean
     )
 
 
+def output_keys(name: str) -> tuple[str, str]:
+    """The cleaned image and the mask written for the case whose output name is ``name``,
+    relative to the output root."""
+    return f"{CLEANED_DIR}/{name}.png", f"{MASKS_DIR}/{name}.png"
+
+
 def clean_one(
     case_id: str,
     name: str,
@@ -178,19 +186,25 @@ def clean_one(
 ) -> dict:
     """Read, clean and write one image; its Parquet row (``SCHEMA``), never an exception.
 
-    ``error`` rows: unreadable or empty files, failed writes. ``flagged`` rows: a constant image
-    (nothing written) or a mask that came out empty or full (files written).
+    The row names the written files relative to ``output``, with their fingerprints and the
+    source's. ``error`` rows: unreadable or empty files, failed writes. ``flagged`` rows: a
+    constant image (nothing written) or a mask that came out empty or full (files written).
     """
     row = dict.fromkeys(SCHEMA.names) | {"id": case_id, "source": source}
     try:
         data = store.read_bytes(source)
+        row["source_fingerprint"] = storage.fingerprint(data)
         gray = imaging.to_grayscale(imaging.decode(data, source))
         row |= {"height": gray.shape[0], "width": gray.shape[1]}
         result = clean_image(gray, params)
-        cleaned = storage.join(output, f"{CLEANED_DIR}/{name}.png")
-        mask = storage.join(output, f"{MASKS_DIR}/{name}.png")
-        store.write_bytes(cleaned, imaging.encode_image(result.cleaned))
-        store.write_bytes(mask, imaging.encode_png(result.mask))
+        cleaned, mask = output_keys(name)
+        pngs = {
+            cleaned: imaging.encode_image(result.cleaned),
+            mask: imaging.encode_png(result.mask),
+        }
+        for key, png in pngs.items():
+            store.write_bytes(storage.join(output, key), png)
+        written = {key: storage.fingerprint(png) for key, png in pngs.items()}
     except FlaggedImage as exc:
         return row | {"status": FLAGGED, "error": str(exc)}
     except Exception as exc:  # a bad image becomes an error row, never a crashed job
@@ -198,6 +212,8 @@ def clean_one(
     row |= {
         "cleaned": cleaned,
         "mask": mask,
+        "cleaned_fingerprint": written[cleaned],
+        "mask_fingerprint": written[mask],
         "otsu_threshold": result.threshold,
         "inverted": result.inverted,
         "foreground_fraction": result.foreground_fraction,
@@ -242,22 +258,21 @@ def _tile(uri: str | None, size: int, store: Store, stretch: bool) -> np.ndarray
     return imaging.resize_image(imaging.normalise(gray) if stretch else gray, size)
 
 
-def write_contact_sheet(rows: Sequence[dict], uri: str, size: int, store: Store) -> None:
-    """Each row's input (normalised, as cleaned) beside its cleaned image, captioned with its id.
-
-    A row that is not ``ok`` has its status after the id.
+def contact_sheet_png(rows: Sequence[dict], output: str, size: int, store: Store) -> bytes:
+    """Each row's input (normalised, as cleaned) beside its cleaned image (a key under
+    ``output``), captioned with its id. A row that is not ``ok`` has its status after the id.
     """
     pairs = [
         (
             row["id"] if row["status"] == OK else f"{row['id']} [{row['status']}]",
             [
                 _tile(row["source"], size, store, stretch=True),
-                _tile(row["cleaned"], size, store, stretch=False),
+                _tile(row["cleaned"] and storage.join(output, row["cleaned"]), size, store, False),
             ],
         )
         for row in rows
     ]
-    store.write_bytes(uri, imaging.encode_image(contact_sheet(pairs, SHEET_COLUMNS)))
+    return imaging.encode_image(contact_sheet(pairs, SHEET_COLUMNS))
 
 
 @dataclass(frozen=True)
@@ -272,43 +287,61 @@ class CleanSummary:
     failed: int
 
 
-def run_cleaning(config: CleanConfig, progress: Progress | None = None) -> CleanSummary:
+def run_cleaning(
+    config: CleanConfig,
+    progress: Progress | None = None,
+    start_ray: Callable[[], None] = pipeline.attach,
+) -> CleanSummary:
     """Clean every image under ``config.input`` (mask files are skipped) in OpenCV actors.
 
     Writes ``cleaned/<name>.png``, ``masks/<name>.png``, one Parquet row per image in
     ``cleaning.parquet`` and, unless ``config.sheet`` is 0, ``contact_sheet.png`` of the first
     ``config.sheet`` images by id. ``progress`` sees every image as its row is written. The
-    output root is claimed first (:func:`lungseg.outputs.claimed`): an earlier run's outputs
-    there are replaced only with ``config.overwrite``.
+    catalog comes first, then ``start_ray``, then the output root is claimed
+    (:func:`lungseg.outputs.claimed`): an earlier run's outputs there are replaced only with
+    ``config.overwrite``.
     """
     progress = progress or Progress()
     store = Store.for_job(config.s3_endpoint)
+    outputs.check_apart(store, config.output, {"--input": config.input})
     found = catalog.find_cases(config.input, store=store)
     logger.info("catalog: %s", found.summary())
+    start_ray()
+    pool = _pool(config)
     with outputs.claimed(
         store,
         config.output,
+        CLEAN,
         "clean",
         {"input": config.input, "params": asdict(config.params)},
-        MAKES,
         reads={"--input": config.input},
         resume=False,
         overwrite=config.overwrite,
     ) as claim:
-        summary = _clean(config, found.cases, store, progress)
-        claim.write_manifest(
-            state="complete", images=summary.images, flagged=summary.flagged, failed=summary.failed
-        )
+        summary = _clean(config, found.cases, store, pool, claim, progress)
+        claim.finish(images=summary.images, flagged=summary.flagged, failed=summary.failed)
     return summary
 
 
-def _clean(
-    config: CleanConfig, cases: Sequence[catalog.Case], store: Store, progress: Progress
-) -> CleanSummary:
+def _pool(config: CleanConfig) -> pipeline.Pool:
+    """The cleaning actors' pool, refused where it could never start."""
     res = config.resources
     cpus, _, node_cpus = pipeline.cluster_resources()
     pool = pipeline.preprocess_pool(cpus, 0, res.preprocess_actors, res.actor_cpus, node_cpus)
+    pipeline.check_fits({"--preprocess-actors/--actor-cpus": pool}, cpus, node_cpus)
+    return pool
+
+
+def _clean(
+    config: CleanConfig,
+    cases: Sequence[catalog.Case],
+    store: Store,
+    pool: pipeline.Pool,
+    claim: outputs.Claim,
+    progress: Progress,
+) -> CleanSummary:
     batch_size = pipeline.task_batch(len(cases), pool.max_size, config.batch_size)
+    claim.plan(key for case in cases for key in output_keys(case.name))
     rows = pipeline.case_dataset(cases, batch_size).map_batches(
         Cleaner,
         fn_constructor_kwargs={"output": config.output, "params": config.params, "store": store},
@@ -323,17 +356,18 @@ def _clean(
         shown.extend(row for row in rows.to_pylist() if row["id"] in first)
         progress.advance(rows.num_rows, rows["status"].to_pylist().count(ERROR))
 
-    table_uri = storage.join(config.output, CLEAN_TABLE)
+    table_uri = claim.uri(CLEAN_TABLE)
     progress.start("clean", len(cases))
     statuses = table.write_table(
         pipeline.row_batches(rows), table_uri, SCHEMA, cases, store, on_table=account
     )
     progress.finish()
+    claim.record(CLEAN_TABLE)
     sheet_uri = None
     if shown:
-        sheet_uri = storage.join(config.output, CONTACT_SHEET)
         shown.sort(key=lambda row: row["id"])
-        write_contact_sheet(shown, sheet_uri, config.params.size, store)
+        sheet = contact_sheet_png(shown, config.output, config.params.size, store)
+        sheet_uri = claim.write(CONTACT_SHEET, sheet)
     return CleanSummary(
         output=config.output,
         table=table_uri,

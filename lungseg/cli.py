@@ -248,7 +248,7 @@ def _add_segment_arguments(parser: argparse.ArgumentParser, output: str) -> None
     rerun.add_argument(
         "--overwrite",
         action="store_true",
-        help="replace the earlier run in OUTPUT: its outputs are removed first",
+        help="replace the earlier run in OUTPUT: the files its ledger lists are removed first",
     )
     _add_resources(parser)
 
@@ -482,6 +482,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     export.add_argument("--model", default=SegmentConfig().model, help=".keras model to export")
     export.add_argument("--output", required=True, help="folder of the SavedModel (path or s3://)")
+    export.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the earlier export in OUTPUT: its files are removed first",
+    )
     _add_endpoint(export)
     _add_clean(commands, parents)
     _add_report(commands, parents)
@@ -519,8 +524,7 @@ def _train(config: TrainConfig, session: console.Session, args: argparse.Namespa
     else:
         from lungseg.train import run_training
 
-        session.start_ray()
-        result = run_training(config, session.progress())
+        result = run_training(config, session.progress(), start_ray=session.start_ray)
     best = result.history[result.best_epoch - 1]
     _say(f"data: {result.images} images ({result.flagged} flagged, {result.failed} failed)")
     how = "stopped early" if result.stopped_early else "done"
@@ -538,8 +542,9 @@ def _train(config: TrainConfig, session: console.Session, args: argparse.Namespa
 def _evaluate(config: SegmentConfig, session: console.Session, args: argparse.Namespace) -> int:
     from lungseg.evaluate import run_evaluation
 
-    session.start_ray()
-    summary = run_evaluation(config, args.split, args.subset, session.progress())
+    summary = run_evaluation(
+        config, args.split, args.subset, session.progress(), start_ray=session.start_ray
+    )
     for name, stats in {"all": summary["overall"], **summary["datasets"]}.items():
         dice, iou = stats["dice"] or {}, stats["iou"] or {}
         _say(
@@ -568,8 +573,7 @@ def _evaluate(config: SegmentConfig, session: console.Session, args: argparse.Na
 def _segment(config: SegmentConfig, session: console.Session, args: argparse.Namespace) -> int:
     from lungseg.segment import run_segmentation
 
-    session.start_ray()
-    result = run_segmentation(config, session.progress())
+    result = run_segmentation(config, session.progress(), start_ray=session.start_ray)
     dice = "n/a" if result.mean_dice is None else f"{result.mean_dice:.4f}"
     _say(
         f"segmented {result.images} images ({result.flagged} flagged, {result.failed} failed), "
@@ -585,8 +589,7 @@ def _segment(config: SegmentConfig, session: console.Session, args: argparse.Nam
 def _clean(config: CleanConfig, session: console.Session, args: argparse.Namespace) -> int:
     from lungseg.clean import run_cleaning
 
-    session.start_ray()
-    cleaned = run_cleaning(config, session.progress())
+    cleaned = run_cleaning(config, session.progress(), start_ray=session.start_ray)
     _say(f"cleaned {cleaned.images} images ({cleaned.flagged} flagged, {cleaned.failed} failed)")
     _say(f"outputs: {cleaned.output}/cleaned/, masks/  table: {cleaned.table}")
     if cleaned.sheet:
@@ -605,7 +608,8 @@ def _report(config: ReportConfig, session: console.Session, args: argparse.Names
 def _export(config: argparse.Namespace, session: console.Session, args: argparse.Namespace) -> int:
     from lungseg.export import export_saved_model  # TensorFlow only: no Ray
 
-    _say(f"SavedModel: {export_saved_model(args.model, args.output, args.s3_endpoint)}")
+    output = export_saved_model(args.model, args.output, args.s3_endpoint, args.overwrite)
+    _say(f"SavedModel: {output}")
     return EXIT_OK
 
 

@@ -3,19 +3,20 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import replace
 from statistics import mean, median
 
 import pyarrow.parquet as pq
 
-from lungseg import storage
+from lungseg import pipeline
 from lungseg.catalog import read_split
 from lungseg.config import SegmentConfig
 from lungseg.errors import UserError
 from lungseg.layout import ERROR, REVIEW, SUMMARY_FILE
 from lungseg.metrics import spearman
 from lungseg.progress import Progress
-from lungseg.segment import SegmentResult, run_segmentation
+from lungseg.segment import plan_segmentation, segment_cases
 from lungseg.storage import Store
 
 WORST = 10
@@ -92,22 +93,24 @@ def run_evaluation(
     split: str | None = None,
     subset: str = "val",
     progress: Progress | None = None,
+    start_ray: Callable[[], None] = pipeline.attach,
 ) -> dict:
     """Segment the labelled images (only ``subset`` of the ``split`` file, when given) and write
-    ``summary.json`` beside the per-image Parquet; returns the summary."""
+    ``summary.json`` beside the per-image Parquet; returns the summary. The same steps as
+    :func:`lungseg.segment.run_segmentation`, the summary written into the same claim."""
     store = Store.for_job(config.s3_endpoint)
     if split is not None:
         subsets = read_split(split, store)
         if subset not in subsets:
             raise UserError(f"{split} has no subset {subset!r}: it has {', '.join(subsets)}")
         config = replace(config, ids=tuple(subsets[subset]))
-    summary: dict = {}
-
-    def summarise_into(result: SegmentResult, store: Store) -> None:
+    plan = plan_segmentation(config, {"--split": split})
+    start_ray()
+    pools = plan.pools()
+    with plan.claimed("evaluate") as claim:
+        result = segment_cases(plan, pools, claim, progress or Progress())
         fs, path = store.resolve(result.table)
-        summary.update(summarise(pq.read_table(path, filesystem=fs).to_pylist(), config.model))
-        text = json.dumps(summary, indent=2).encode()
-        store.write_bytes(storage.join(config.output, SUMMARY_FILE), text)
-
-    run_segmentation(config, progress, job="evaluate", then=summarise_into)
+        summary = summarise(pq.read_table(path, filesystem=fs).to_pylist(), config.model)
+        claim.write(SUMMARY_FILE, json.dumps(summary, indent=2).encode())
+        claim.finish(images=result.images, flagged=result.flagged, failed=result.failed)
     return summary

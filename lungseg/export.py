@@ -2,26 +2,49 @@
 
 from __future__ import annotations
 
+import os
 import tempfile
 
-import pyarrow.fs as pafs
-
-from lungseg import storage
+from lungseg import modelfile, outputs
+from lungseg.layout import EXPORT
 from lungseg.model import load_model
 from lungseg.storage import Store
 
 
-def export_saved_model(model: str, output: str, s3_endpoint: str | None = None) -> str:
+def export_saved_model(
+    model: str, output: str, s3_endpoint: str | None = None, overwrite: bool = False
+) -> str:
     """Write a SavedModel of ``model`` to the folder ``output`` (local or S3).
 
     Its ``serve`` signature takes float32 ``(batch, size, size, 1)`` X-rays with values in
-    [0, 255] and returns lung probabilities of the same shape.
+    [0, 255] and returns lung probabilities of the same shape. The folder is claimed like every
+    job's output (:func:`lungseg.outputs.claimed`): a folder holding another export is replaced
+    only with ``overwrite``, one holding files that lungseg did not make never, and every file
+    written goes into its ledger.
     """
     store = Store.for_job(s3_endpoint)
-    keras_model = load_model(store.read_bytes(model))
-    fs, path = store.resolve(output)
-    with tempfile.TemporaryDirectory() as folder, storage.explained(output):
+    outputs.check_apart(store, output, {"--model": model})
+    data = store.read_bytes(model)
+    settings = {"model": model, "model_sha256": modelfile.describe(data, model).sha256}
+    keras_model = load_model(data)
+    with (
+        outputs.claimed(
+            store,
+            output,
+            EXPORT,
+            "export",
+            settings,
+            reads={"--model": model},
+            resume=False,
+            overwrite=overwrite,
+        ) as claim,
+        tempfile.TemporaryDirectory() as folder,
+    ):
         keras_model.export(folder, format="tf_saved_model")
-        fs.create_dir(path, recursive=True)
-        pafs.copy_files(folder, path, destination_filesystem=fs)
+        for top, _, names in os.walk(folder):
+            for name in names:
+                path = os.path.join(top, name)
+                with open(path, "rb") as f:
+                    claim.write(os.path.relpath(path, folder).replace(os.sep, "/"), f.read())
+        claim.finish()
     return output

@@ -15,13 +15,20 @@ import keras
 import numpy as np
 
 from lungseg import recipe
-from lungseg.catalog import Case, Catalog
+from lungseg.catalog import Case
 from lungseg.config import PREPROCESS_BATCH, RecipeConfig, TrainConfig
 from lungseg.layout import ERROR, OK
 from lungseg.model import bce_dice_loss, build_unet, dice_per_image, iou_per_image, to_bytes
+from lungseg.outputs import Claim
 from lungseg.preprocess import Preprocess, case_records
 from lungseg.progress import Progress
-from lungseg.runfolder import TrainResult, finish_run, train_in_folder, write_data_table
+from lungseg.runfolder import (
+    TrainingData,
+    TrainResult,
+    finish_run,
+    train_in_folder,
+    write_data_table,
+)
 from lungseg.storage import Store
 
 
@@ -136,30 +143,20 @@ def run_fit(config: TrainConfig, progress: Progress | None = None) -> TrainResul
     progress = progress or Progress()
     store = Store.for_job(config.s3_endpoint)
     return train_in_folder(
-        config,
-        store,
-        lambda found, parts, rows: _fit(config, store, found, parts, rows, progress),
-        resumes=False,
+        config, store, lambda data, claim: _fit(config, data, claim, progress), resumes=False
     )
 
 
-def _fit(
-    config: TrainConfig,
-    store: Store,
-    found: Catalog,
-    parts: dict[str, tuple[Case, ...]],
-    rows: list[dict],
-    progress: Progress,
-) -> TrainResult:
-    arrays = {}
-    progress.start("read", sum(len(cases) for cases in parts.values()))
-    for name, cases in parts.items():
-        images, masks, read = load_arrays(cases, config.recipe.model.size, store)
+def _fit(config: TrainConfig, data: TrainingData, claim: Claim, progress: Progress) -> TrainResult:
+    arrays, rows = {}, []
+    progress.start("read", sum(len(cases) for cases in data.parts.values()))
+    for name, cases in data.parts.items():
+        images, masks, read = load_arrays(cases, config.recipe.model.size, claim.store)
         arrays[name] = (images, masks)
         rows.extend(row | {"split": name} for row in read)
         progress.advance(len(read), sum(row["status"] == ERROR for row in read))
     progress.finish()
-    data = write_data_table(config, store, found, rows, 1, bool(parts["val"]))
+    statuses = write_data_table(claim, data, rows, 1)
 
     progress.start("train", config.recipe.epochs, "epochs")
 
@@ -169,4 +166,4 @@ def _fit(
     result = fit(arrays["train"], arrays["val"], config.recipe, show)
     progress.finish()
     trainer = f"single process, Keras {keras.__version__} on {keras.backend.backend()}"
-    return finish_run(config, store, result.model, result.history, rows, trainer, data)
+    return finish_run(config, claim, result.model, result.history, rows, trainer, statuses)

@@ -7,9 +7,11 @@ import os
 import tempfile
 
 import keras
+import numpy as np
 from keras import layers, ops
 
 from lungseg.config import PRECISIONS
+from lungseg.errors import UserError
 
 
 def _conv_block(x, filters: int, name: str):
@@ -119,3 +121,52 @@ def load_model(data: bytes) -> keras.Model:
         with open(path, "wb") as f:
             f.write(data)
         return keras.models.load_model(path, compile=False)
+
+
+_PROBABILITIES = frozenset({"sigmoid", "hard_sigmoid"})
+
+
+def check_segmenter(model: keras.Model, size: int, name: str = "model") -> None:
+    """Refuse, in one line (a :class:`UserError`), a model that ``segment`` cannot use.
+
+    It must take one ``(size, size, 1)`` X-ray and give one ``(size, size, 1)`` map of lung
+    probabilities: a last layer with an activation ends in a sigmoid, and on three probe films
+    (black, white and noise, as segment feeds them: ``uint8``) every value is in [0, 1]. A
+    model of two channels, or of logits, would otherwise give masks without an error.
+    """
+    inputs = [tuple(tensor.shape) for tensor in model.inputs]
+    outputs = [tuple(tensor.shape) for tensor in model.outputs]
+    wanted = (None, size, size, 1)
+    if inputs != [wanted] or outputs != [wanted]:
+        raise UserError(
+            f"{name}: segment needs a model of one (batch, {size}, {size}, 1) X-ray in and one "
+            f"(batch, {size}, {size}, 1) map of lung probabilities out; this one takes "
+            f"{inputs} and gives {outputs}"
+        )
+    activation = getattr(model.layers[-1], "activation", None)
+    if activation is not None and keras.activations.serialize(activation) not in _PROBABILITIES:
+        raise UserError(
+            f"{name}: its last layer's activation is {keras.activations.serialize(activation)!r}"
+            ", not a sigmoid: segment needs probabilities in [0, 1], not logits"
+        )
+    noise = np.random.default_rng(0).integers(0, 256, (size, size), dtype=np.uint8)
+    probes = np.stack([np.zeros_like(noise), np.full_like(noise, 255), noise])[..., None]
+    values = keras.ops.convert_to_numpy(model.predict_on_batch(probes))
+    low, high = float(np.min(values)), float(np.max(values))
+    if not (np.all(np.isfinite(values)) and low >= 0 and high <= 1):
+        raise UserError(
+            f"{name}: on three probe films it gives values from {low:.3g} to {high:.3g}: "
+            "segment needs probabilities in [0, 1], not logits"
+        )
+
+
+def load_checked(data: bytes, size: int, name: str = "model") -> keras.Model:
+    """:func:`load_model`, then :func:`check_segmenter`; a file Keras cannot load is a
+    :class:`UserError` naming the first line of why."""
+    try:
+        model = load_model(data)
+    except Exception as exc:  # Keras raises many kinds, each with a long message
+        first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
+        raise UserError(f"{name}: Keras cannot load it: {type(exc).__name__}: {first}") from exc
+    check_segmenter(model, size, name)
+    return model

@@ -53,6 +53,12 @@ def describe(data: bytes, name: str = "model") -> ModelFile:
         raise UserError(
             f"{name}: the model must take one (size, size, 1) X-ray, its inputs are {inputs}"
         )
+    if not isinstance(inputs[0][1], int) or inputs[0][1] < 1:
+        raise UserError(
+            f"{name}: its input has no fixed size ({inputs[0][1]}, {inputs[0][2]}, 1): lungseg "
+            "resizes every X-ray to the model's size, so save the model with one, e.g. "
+            "keras.Input((256, 256, 1))"
+        )
     try:
         calibration = Calibration(**notes["qc"]) if "qc" in notes else None
     except TypeError as exc:

@@ -85,6 +85,33 @@ so that they fit beside the model actor; its threads fill the gaps."""
 SMALL_ACTOR = 0.8
 
 
+def attach() -> None:
+    """Start a local Ray, or attach to the cluster ``RAY_ADDRESS`` names, unless this process
+    already has one: what a job function does when its caller did not start Ray itself."""
+    if not ray.is_initialized():
+        ray.init()
+
+
+def check_fits(pools: dict[str, Pool], cpus: float, node_cpus: float) -> None:
+    """Refuse actor pools that could never start, before any is asked for: an actor that needs
+    more CPUs than the largest node has, or pools whose smallest sizes need more CPUs than the
+    cluster has (Ray would wait for them for ever, saying nothing). ``pools`` are named by the
+    options that size them."""
+    for option, pool in pools.items():
+        if pool.cpus > node_cpus:
+            raise UserError(
+                f"{option} asks for {pool.cpus:g} CPUs per actor, more than the largest node of "
+                f"this Ray cluster has ({node_cpus:g})"
+            )
+    least = sum(pool.min_size * pool.cpus for pool in pools.values())
+    if least > cpus + 1e-9:
+        parts = ", ".join(f"{p.min_size} x {p.cpus:g} ({o})" for o, p in pools.items())
+        raise UserError(
+            f"the actor pools need {least:g} CPUs at their smallest ({parts}), more than this "
+            f"Ray cluster has ({cpus:g}): ask for fewer actors or fewer CPUs each"
+        )
+
+
 def cluster_resources() -> tuple[float, int, float]:
     """The CPUs and GPUs of the Ray cluster this process is attached to, and the CPUs of its
     largest node (an actor cannot declare more than one node has)."""

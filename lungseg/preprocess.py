@@ -12,7 +12,7 @@ from dataclasses import asdict, fields
 import cv2
 import numpy as np
 
-from lungseg import draw, imaging
+from lungseg import draw, imaging, storage
 from lungseg.catalog import Case
 from lungseg.layout import ERROR, OK
 from lungseg.storage import DEFAULT_STORE, Store
@@ -21,9 +21,25 @@ INFO_COLUMNS = tuple(f.name for f in fields(imaging.ImageInfo))
 """Header columns of :class:`Preprocess` output: strings (empty) and float64 (NaN) when unknown."""
 
 
+FINGERPRINTS = ("source_fingerprint", "truth_fingerprint", "source_stamp", "truth_stamp")
+"""What :class:`Preprocess` says of the files it read: their fingerprints
+(:func:`lungseg.storage.fingerprint`; a mask pair's joined by ``;``, empty where unread) and the
+catalog's stamps of them."""
+
+
 def case_records(cases: tuple[Case, ...] | list[Case]) -> list[dict]:
     """Catalog cases as rows for ``ray.data.from_items``."""
-    return [{"id": c.id, "name": c.name, "source": c.image, "truth": list(c.masks)} for c in cases]
+    return [
+        {
+            "id": c.id,
+            "name": c.name,
+            "source": c.image,
+            "truth": list(c.masks),
+            "source_stamp": c.stamps[0] if c.stamps else "",
+            "truth_stamp": ";".join(c.stamps[1:]),
+        }
+        for c in cases
+    ]
 
 
 class Preprocess:
@@ -54,18 +70,23 @@ class Preprocess:
         self.truth = "mask" if train else "truth_png"
 
     def _one(self, source: str, truth: list[str]) -> dict:
-        image, info = imaging.load_image_with_info(self.store.read_bytes(source), source)
+        data = self.store.read_bytes(source)
+        image, info = imaging.load_image_with_info(data, source)
         row = {
             **asdict(info),
             "image": imaging.resize_image(image, self.size),
             "height": image.shape[0],
             "width": image.shape[1],
             self.truth: self._blank(),
+            "source_fingerprint": storage.fingerprint(data),
+            "truth_fingerprint": "",
         }
         if self.display:
             row["display_png"] = imaging.encode_image(draw.downscale(image, self.display))
         if truth:
-            mask = imaging.load_mask([self.store.read_bytes(uri) for uri in truth], truth)
+            files = [self.store.read_bytes(uri) for uri in truth]
+            row["truth_fingerprint"] = ";".join(map(storage.fingerprint, files))
+            mask = imaging.load_mask(files, truth)
             if mask.shape != image.shape:
                 raise ValueError(
                     f"mask {mask.shape[1]}x{mask.shape[0]} differs from image "
@@ -94,15 +115,20 @@ class Preprocess:
                         "display_png": b"",
                         "height": -1,
                         "width": -1,
+                        "source_fingerprint": "",
+                        "truth_fingerprint": "",
                         **asdict(imaging.ImageInfo()),
                         "status": ERROR,
                         "error": f"{type(exc).__name__}: {exc}",
                     }
                 )
+        read = ("source_fingerprint", "truth_fingerprint")
         out = {
             key: np.array([r[key] for r in rows])
-            for key in ("height", "width", *INFO_COLUMNS, "status", "error")
+            for key in ("height", "width", *INFO_COLUMNS, *read, "status", "error")
         }
+        for key in ("source_stamp", "truth_stamp"):
+            out[key] = np.asarray(batch[key]) if key in batch else np.full(len(rows), "")
         out["image"] = np.stack([r["image"] for r in rows])
         if self.truth == "mask":
             out["mask"] = np.stack([r["mask"] for r in rows])

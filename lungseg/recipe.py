@@ -23,14 +23,13 @@ import numpy as np
 
 from lungseg import __version__, draw, imaging, modelfile, qc
 from lungseg.config import RecipeConfig, SegmentConfig
-from lungseg.layout import CURVES_FILE, METRICS_FILE, MODEL_FILE
+from lungseg.layout import CURVES_FILE, METRICS_FILE, MODEL_FILE, PROVENANCE_FILE
 from lungseg.metrics import Confusion, confusion
 
 COLUMNS = (
     "epoch", "learning_rate", "loss", "dice", "iou", "val_loss", "val_dice", "val_iou", "seconds"
 )  # fmt: skip
 """One row of a run's history, as ``metrics.csv`` holds it (see :func:`score_validation`)."""
-PROVENANCE_FILE = "provenance.json"
 THRESHOLD = SegmentConfig.threshold
 """The probability cut of validation masks: segment's default."""
 CALIBRATION_FILMS = 512

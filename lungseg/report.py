@@ -11,7 +11,6 @@ from __future__ import annotations
 import csv
 import html
 import io
-import posixpath
 import statistics
 from collections import Counter
 from dataclasses import dataclass
@@ -20,15 +19,15 @@ from urllib.parse import quote
 import numpy as np
 import pyarrow.parquet as pq
 
-from lungseg import draw, imaging, storage
+from lungseg import draw, imaging, outputs, storage
 from lungseg.config import ReportConfig
 from lungseg.layout import (
     ERROR,
     METRICS_FILE,
-    OVERLAYS_DIR,
     REPORT_ASSETS,
     REPORT_FILE,
     REVIEW,
+    SEGMENT,
     SEGMENT_TABLE,
 )
 from lungseg.storage import Store
@@ -67,27 +66,32 @@ class ReportResult:
     failed: int
 
 
-def _sheet_tile(row: dict, store: Store) -> np.ndarray:
-    """A row's overlay as a :data:`draw.TILE` square; without one, drawn from source and mask.
+def _sheet_tile(row: dict, root: str, store: Store) -> np.ndarray:
+    """A row's overlay as a :data:`draw.TILE` square; without one, drawn from source and mask
+    (the row's files are keys under the output ``root``).
 
     Unreadable files give a blank tile: the sheet is for looking at, the table says the rest.
     """
     try:
         if row["overlay"] is not None:
-            picture = imaging.decode(store.read_bytes(row["overlay"]), "overlay")
+            data = store.read_bytes(storage.join(root, row["overlay"]))
+            picture = imaging.decode(data, "overlay")
         else:
             source = imaging.load_image(store.read_bytes(row["source"]), row["source"])
             image = draw.downscale(source)
-            mask = imaging.binarise(imaging.decode(store.read_bytes(row["mask"]), row["mask"]))
+            data = store.read_bytes(storage.join(root, row["mask"]))
+            mask = imaging.binarise(imaging.decode(data, row["mask"]))
             picture = draw.overlay(image, imaging.resize_mask(mask, *image.shape), None)
     except (OSError, ValueError):
         picture = np.full((draw.TILE, draw.TILE, 3), draw.SHEET_BACKGROUND, np.uint8)
     return draw.fit(picture, draw.TILE)
 
 
-def _sheet_png(rows: list[dict], key: str, label: str, store: Store) -> bytes:
+def _sheet_png(rows: list[dict], key: str, label: str, root: str, store: Store) -> bytes:
     """A contact sheet of ``rows``' overlays, captioned with id and ``label`` ``row[key]``."""
-    entries = [(f"{row['id']}  {label} {row[key]:.3f}", [_sheet_tile(row, store)]) for row in rows]
+    entries = [
+        (f"{row['id']}  {label} {row[key]:.3f}", [_sheet_tile(row, root, store)]) for row in rows
+    ]
     return imaging.encode_image(draw.contact_sheet(entries, draw.SHEET_COLUMNS))
 
 
@@ -191,7 +195,7 @@ def _cell(row: dict, key: str, numeric: bool) -> str:
     if value is None:
         return '<td data-value=""></td>'
     if key == "overlay":
-        link = html.escape(f"{OVERLAYS_DIR}/{quote(posixpath.basename(value))}")
+        link = html.escape(quote(value))  # a key under the output root, where the page is
         return f'<td data-value="{link}"><a href="{link}">overlay</a></td>'
     if numeric:
         return f'<td class="number" data-value="{value!r}">{value:.4f}</td>'
@@ -267,7 +271,21 @@ def run_report(config: ReportConfig) -> ReportResult:
     ``config.run``, the training curves of its ``metrics.csv`` are included.
     """
     store = Store.for_job(config.s3_endpoint)
-    table_uri = storage.join(config.output, SEGMENT_TABLE)
+    with outputs.amended(
+        store,
+        config.output,
+        SEGMENT,
+        "report",
+        (REPORT_FILE, REPORT_ASSETS),
+        reads={"--run": config.run},
+    ) as claim:
+        result = _report(config, claim, store)
+        claim.finish()
+    return result
+
+
+def _report(config: ReportConfig, claim: outputs.Claim, store: Store) -> ReportResult:
+    table_uri = claim.uri(SEGMENT_TABLE)
     fs, path = store.resolve(table_uri)
     with storage.explained(table_uri):
         rows = [
@@ -286,18 +304,17 @@ def run_report(config: ReportConfig) -> ReportResult:
     if ranked:
         pngs["histogram"] = draw.histogram_png([row[key] for row in ranked], _RANKINGS[key][0])
     if review:
-        pngs["review"] = _sheet_png(review, "qc_score", "QC", store)
+        pngs["review"] = _sheet_png(review, "qc_score", "QC", config.output, store)
     for name, chosen in (("worst", worst), ("best", best)):
         if chosen:
-            pngs[name] = _sheet_png(chosen, key, _RANKINGS[key][0], store)
+            pngs[name] = _sheet_png(chosen, key, _RANKINGS[key][0], config.output, store)
     if config.run is not None:
         pngs["curves"] = draw.curves_png(read_metrics(config.run, store))
     pictures = {name: f"{REPORT_ASSETS}/{name}.png" for name in pngs}
     for name, data in pngs.items():
-        store.write_bytes(storage.join(config.output, pictures[name]), data)
+        claim.write(pictures[name], data)
     page = render_html(rows, _summary(rows), pictures, key, review)
-    html_uri = storage.join(config.output, REPORT_FILE)
-    store.write_bytes(html_uri, page.encode())
+    html_uri = claim.write(REPORT_FILE, page.encode())
     return ReportResult(
         html=html_uri,
         images=len(rows),

@@ -13,10 +13,10 @@ from dataclasses import asdict, dataclass
 
 import pyarrow as pa
 
-from lungseg import catalog, outputs, recipe, storage, table
+from lungseg import catalog, outputs, recipe, table
 from lungseg.config import TrainConfig
 from lungseg.errors import UserError
-from lungseg.layout import CONFIG_FILE, DATA_FILE, ERROR, FLAGGED, MODEL_FILE, OK
+from lungseg.layout import CONFIG_FILE, DATA_FILE, ERROR, FLAGGED, MODEL_FILE, OK, TRAIN
 from lungseg.modelfile import describe
 from lungseg.storage import Store
 
@@ -50,11 +50,23 @@ class TrainResult:
     failed: int
 
 
-def read_data(
-    config: TrainConfig, store: Store
-) -> tuple[catalog.Catalog, dict[str, tuple[catalog.Case, ...]], list[dict]]:
-    """The catalog, its split into ``train``/``val`` labelled cases, and a ``data.parquet`` row
-    for every image that is not in either (no mask, or not in the split file)."""
+@dataclass(frozen=True)
+class TrainingData:
+    """What a trainer trains on: the catalog, its labelled cases split into ``train`` and
+    ``val``, and a ``data.parquet`` row for each image in neither (no mask, or not in the split
+    file)."""
+
+    found: catalog.Catalog
+    parts: dict[str, tuple[catalog.Case, ...]]
+    left_out: tuple[dict, ...]
+
+    def split_sha256(self) -> str:
+        ids = {name: sorted(case.id for case in cases) for name, cases in self.parts.items()}
+        return hashlib.sha256(json.dumps(ids, sort_keys=True).encode()).hexdigest()
+
+
+def read_data(config: TrainConfig, store: Store) -> TrainingData:
+    """The catalog under ``config.data`` and its split (:class:`TrainingData`)."""
     found = catalog.find_cases(config.data, config.masks, store)
     logger.info("catalog: %s", found.summary())
     labelled = catalog.Catalog(found.labelled, ())
@@ -70,7 +82,7 @@ def read_data(
     if not parts["train"]:
         raise UserError(f"no labelled images to train on under {config.data}")
     chosen = {case.id for cases in parts.values() for case in cases}
-    left_out = [
+    left_out = tuple(
         {
             "id": case.id,
             "source": case.image,
@@ -79,28 +91,26 @@ def read_data(
         }
         for case in found.cases
         if case.id not in chosen
-    ]
-    return found, parts, left_out
+    )
+    return TrainingData(found, parts, left_out)
 
 
 def write_data_table(
-    config: TrainConfig,
-    store: Store,
-    found: catalog.Catalog,
-    rows: list[dict],
-    workers: int,
-    has_val: bool,
-) -> tuple[str, Counter[str]]:
-    """``data.parquet`` (a row per image: split, status, error), then the check that enough
-    pairs are readable: one per worker, and one to validate on when the split has validation
-    ids; too few is a UserError naming the failed pairs. Its URI and the counts by status."""
-    uri = storage.join(config.output, DATA_FILE)
-    statuses = table.write_table((), uri, DATA_SCHEMA, found.cases, store, known=rows)
+    claim: outputs.Claim, data: TrainingData, rows: list[dict], workers: int
+) -> Counter[str]:
+    """``data.parquet`` (a row per image: split, status, error; ``rows`` those of the images
+    read, with their split), then the check that enough pairs are readable: one per worker, and
+    one to validate on when the split has validation ids; too few is a UserError naming the
+    failed pairs. The counts by status."""
+    rows = [*data.left_out, *rows]
+    uri = claim.uri(DATA_FILE)
+    statuses = table.write_table((), uri, DATA_SCHEMA, data.found.cases, claim.store, known=rows)
+    claim.record(DATA_FILE)
     usable = Counter(row.get("split") for row in rows if row["status"] == OK)
     failed = [row for row in rows if row["status"] == ERROR]
     for row in failed:
         logger.warning("skipped %s (%s): %s", row["id"], row["source"], row["error"])
-    if usable["train"] < workers or (has_val and not usable["val"]):
+    if usable["train"] < workers or (data.parts["val"] and not usable["val"]):
         named = "; ".join(f"{r['id']}: {r['error']}" for r in failed[:_FAILED_SHOWN])
         more = ", ..." if len(failed) > _FAILED_SHOWN else ""
         raise UserError(
@@ -110,20 +120,21 @@ def write_data_table(
             f"(every image is listed in {uri})"
         )
     logger.info("split: %d train, %d validation images", usable["train"], usable["val"])
-    return uri, statuses
+    return statuses
 
 
 def finish_run(
     config: TrainConfig,
-    store: Store,
+    claim: outputs.Claim,
     model: bytes,
     history: list[dict],
     rows: list[dict],
     trainer: str,
-    data: tuple[str, Counter[str]],
+    statuses: Counter[str],
 ) -> TrainResult:
     """Write the run folder's files (:func:`recipe.run_files`, with the provenance of the
-    model) and ``config.json``; the run's result."""
+    model) and ``config.json`` into the claimed run folder; the run's result. ``rows`` are
+    the images read, with their split."""
     split = {
         name: [r["id"] for r in rows if r.get("split") == name and r["status"] == OK]
         for name in ("train", "val")
@@ -136,65 +147,65 @@ def finish_run(
         )
     record = recipe.provenance(config.recipe, split, history, found, trainer, config.data)
     for name, content in recipe.run_files(model, history, record).items():
-        store.write_bytes(storage.join(config.output, name), content)
-    config_json = json.dumps(config.to_dict(), indent=2).encode()
-    store.write_bytes(storage.join(config.output, CONFIG_FILE), config_json)
-    uri, statuses = data
+        claim.write(name, content)
+    claim.write(CONFIG_FILE, json.dumps(config.to_dict(), indent=2).encode())
     return TrainResult(
         run=config.output,
-        model=storage.join(config.output, MODEL_FILE),
+        model=claim.uri(MODEL_FILE),
         history=history,
         best_epoch=recipe.best_epoch(history),
         stopped_early=len(history) < config.recipe.epochs,
-        table=uri,
+        table=claim.uri(DATA_FILE),
         images=sum(statuses.values()),
         flagged=statuses[FLAGGED],
         failed=statuses[ERROR],
     )
 
 
-Trainer = Callable[[catalog.Catalog, dict[str, tuple[catalog.Case, ...]], list[dict]], TrainResult]
-"""Trains on what :func:`read_data` found: the catalog, the split's cases and the data rows."""
+Trainer = Callable[[TrainingData, outputs.Claim], TrainResult]
+"""Trains on what :func:`read_data` found into the claimed run folder."""
 
 
 def train_in_folder(
-    config: TrainConfig, store: Store, trainer: Trainer, resumes: bool = True
+    config: TrainConfig,
+    store: Store,
+    trainer: Trainer,
+    resumes: bool = True,
+    start_ray: Callable[[], None] = lambda: None,
 ) -> TrainResult:
-    """Read the data, hold the run folder (:func:`_claim`) while ``trainer`` trains into it,
-    and mark the run complete in its manifest. A trainer that does not resume (``resumes``)
-    trains an unfinished run anew, saying so."""
-    found, parts, rows = read_data(config, store)
-    with _claim(config, store, parts) as claim:
+    """Read the data, then ``start_ray``, then hold the run folder (:func:`_claim`) while
+    ``trainer`` trains into it, and complete the run. A trainer that does not resume
+    (``resumes``) trains an unfinished run anew, saying so."""
+    data = read_data(config, store)
+    start_ray()
+    with _claim(config, store, data) as claim:
         if claim.resumed and not resumes:
             logger.warning("a single-process run does not resume: training %s anew", config.output)
-        result = trainer(found, parts, rows)
-        claim.write_manifest(
-            state="complete", epochs=len(result.history), selected_epoch=result.best_epoch
-        )
+        result = trainer(data, claim)
+        claim.finish(epochs=len(result.history), selected_epoch=result.best_epoch)
     return result
 
 
-def _claim(config: TrainConfig, store: Store, parts: dict[str, tuple[catalog.Case, ...]]):
+def _claim(config: TrainConfig, store: Store, data: TrainingData):
     """Hold the run folder for this run (:func:`lungseg.outputs.claimed`): a folder that holds
     a run of other data, split, model shape or recipe is refused (``--epochs`` and
     ``--patience`` may change: they say how long to go on); the same run is continued."""
-    ids = {name: sorted(case.id for case in cases) for name, cases in parts.items()}
     recipe_settings = asdict(config.recipe)
     for how_long in ("epochs", "patience"):
         del recipe_settings[how_long]
     settings = {
         "data": config.data,
         "masks": config.masks,
-        "split_sha256": hashlib.sha256(json.dumps(ids, sort_keys=True).encode()).hexdigest(),
+        "split_sha256": data.split_sha256(),
         "recipe": recipe_settings,
     }
     return outputs.claimed(
         store,
         config.output,
+        TRAIN,
         "train",
         settings,
-        ("*",),
-        reads={"--data": config.data, "--masks": config.masks},
+        reads={"--data": config.data, "--masks": config.masks, "--split": config.split},
         resume=True,
         overwrite=config.overwrite,
     )

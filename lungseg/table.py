@@ -16,12 +16,11 @@ import pyarrow.parquet as pq
 
 from lungseg import storage
 from lungseg.catalog import Case
-from lungseg.layout import ERROR, LOST
+from lungseg.layout import ERROR, JOURNAL_SUFFIX, LOST
 from lungseg.storage import Store
 
 logger = logging.getLogger(__name__)
 
-JOURNAL_SUFFIX = ".parts"
 _PART = re.compile(r"part-(\d+)\.parquet")
 _FRESH = "fresh"  # marks a journal begun by a fresh run: the table beside it is stale
 _TABLE = "table.parquet.tmp"  # the table being written, moved onto its place when complete
@@ -44,7 +43,8 @@ def previous_rows(uri: str, schema: pa.Schema, store: Store) -> list[dict]:
 
     The complete table, unless the last run started afresh and was interrupted (its journal
     says so), then the journal's parts in the order written: a later row of an id replaces an
-    earlier one. Unreadable files (a part cut short by a crash) are skipped with a message.
+    earlier one. Unreadable files (a part cut short by a crash) and tables that lack a column of
+    ``schema`` (written by an earlier lungseg) are skipped with a message.
     """
     fs, path = store.resolve(uri)
     parts, fresh = _journal_parts(uri, store)
@@ -53,12 +53,44 @@ def previous_rows(uri: str, schema: pa.Schema, store: Store) -> list[dict]:
     rows: dict[str, dict] = {}
     for file in [path, *parts] if table_exists and not fresh else parts:
         try:
+            missing = set(schema.names) - set(pq.read_schema(file, filesystem=fs).names)
+            if missing:
+                logger.warning(
+                    "resume: ignoring %s, written without the columns %s: its images are "
+                    "done again",
+                    file,
+                    ", ".join(sorted(missing)),
+                )
+                continue
             table = pq.read_table(file, filesystem=fs, schema=schema)
         except (OSError, pa.ArrowException) as exc:
             logger.warning("resume: ignoring unreadable %s: %s", file, exc)
             continue
         rows.update((row["id"], row) for row in table.to_pylist())
     return list(rows.values())
+
+
+def written_files(uri: str, columns: Sequence[str], store: Store) -> dict[str, str | None]:
+    """The files that the rows of the table at ``uri`` and of its journal name in ``columns``
+    (keys relative to the output root), each with the fingerprint in ``<column>_fingerprint``
+    (None where a table has no such column); a later row's wins."""
+    fs, path = store.resolve(uri)
+    parts, _ = _journal_parts(uri, store)
+    with storage.explained(uri):
+        tables = [path] if fs.get_file_info(path).type == pafs.FileType.File else []
+    files: dict[str, str | None] = {}
+    for file in [*tables, *parts]:
+        try:
+            names = set(pq.read_schema(file, filesystem=fs).names)
+            wanted = [c for c in columns if c in names]
+            prints = [f"{c}_fingerprint" for c in wanted if f"{c}_fingerprint" in names]
+            rows = pq.read_table(file, filesystem=fs, columns=wanted + prints).to_pylist()
+        except (OSError, pa.ArrowException) as exc:
+            logger.warning("ignoring unreadable %s: %s", file, exc)
+            continue
+        for row in rows:
+            files |= {row[c]: row.get(f"{c}_fingerprint") for c in wanted if row[c]}
+    return files
 
 
 def write_table(

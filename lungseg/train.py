@@ -19,6 +19,7 @@ import shutil
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 
 import numpy as np
@@ -27,12 +28,19 @@ import ray.train
 import ray.train.collective
 from ray.data.expressions import col
 
-from lungseg import catalog, pipeline, recipe, storage
+from lungseg import pipeline, recipe, storage
 from lungseg.config import RecipeConfig, TrainConfig
 from lungseg.errors import UserError
-from lungseg.layout import ERROR, OK
+from lungseg.layout import CHECKPOINTS_DIR, ERROR, OK
+from lungseg.outputs import Claim
 from lungseg.progress import Progress
-from lungseg.runfolder import TrainResult, finish_run, train_in_folder, write_data_table
+from lungseg.runfolder import (
+    TrainingData,
+    TrainResult,
+    finish_run,
+    train_in_folder,
+    write_data_table,
+)
 from lungseg.storage import Store
 
 logger = logging.getLogger(__name__)
@@ -204,59 +212,77 @@ def _follow(queue, progress: Progress, done: threading.Event) -> None:
             progress.advance(1, **figures)
 
 
-def run_training(config: TrainConfig, progress: Progress | None = None) -> TrainResult:
+def run_training(
+    config: TrainConfig,
+    progress: Progress | None = None,
+    start_ray: Callable[[], None] = pipeline.attach,
+) -> TrainResult:
     """Preprocess the labelled cases on Ray Data, train on Ray Train, write the run folder.
 
     Every image under ``config.data`` gets a row in ``data.parquet``: ``ok`` (trained or
     validated on), ``error`` (unreadable, mask of another size, ...; left out) or ``flagged``
-    (no mask, or not in the split file; left out). Training needs at least one readable pair per
-    worker (Ray gives each worker an equal share) and, when the split has validation ids, one
-    readable validation pair; with fewer it stops, naming the failed pairs. A worker that dies
-    restarts the run from its last checkpoint, up to :data:`MAX_FAILURES` times; rerunning with
-    the same ``output`` resumes from the last checkpoint too (the same run only:
-    :func:`lungseg.runfolder.train_in_folder`).
+    (no mask, empty mask, or not in the split file; left out). Training needs at least one
+    readable pair per worker (Ray gives each worker an equal share) and, when the split has
+    validation ids, one readable validation pair; with fewer it stops, naming the failed pairs.
+    A worker that dies restarts the run from its last checkpoint, up to :data:`MAX_FAILURES`
+    times; rerunning with the same ``output`` resumes from the last checkpoint too (the same
+    run only: :func:`lungseg.runfolder.train_in_folder`). Ray Train keeps its checkpoints in
+    the run folder's ``checkpoints/``.
     """
     progress = progress or Progress()
     store = Store.for_job(config.s3_endpoint)
-    nodes = sum(node["Alive"] for node in ray.nodes())
-    storage.check_shared(config.output, nodes, config.allow_local_output)
     if not os.path.dirname(store.resolve(config.output)[1]):
         raise UserError(f"--output must be a folder inside a bucket: {config.output}")
+
+    def started() -> None:  # and the checks that need the cluster, before the claim
+        start_ray()
+        nodes = sum(node["Alive"] for node in ray.nodes())
+        storage.check_shared(config.output, nodes, config.allow_local_output)
+        _pools(config)
+
     return train_in_folder(
         config,
         store,
-        lambda found, parts, rows: _train(config, store, found, parts, rows, progress),
+        lambda data, claim: _train(config, data, claim, progress),
+        start_ray=started,
     )
 
 
+def _pools(config: TrainConfig) -> tuple[pipeline.Pool, float]:
+    """The preprocessing pool (it reads the data before the workers start, so it may have every
+    CPU) and the CPUs of each train worker, refused where they could never start."""
+    res = config.resources
+    cpus, _, node_cpus = pipeline.cluster_resources()
+    pool = pipeline.preprocess_pool(cpus, 0, res.preprocess_actors, res.actor_cpus, node_cpus)
+    worker_cpus = pipeline.train_worker_cpus(cpus, config.workers, config.worker_cpus, node_cpus)
+    workers = pipeline.Pool(config.workers, config.workers, worker_cpus)
+    pipeline.check_fits({"--preprocess-actors/--actor-cpus": pool}, cpus, node_cpus)
+    pipeline.check_fits({"--workers/--worker-cpus": workers}, cpus, node_cpus)
+    return pool, worker_cpus
+
+
 def _train(
-    config: TrainConfig,
-    store: Store,
-    found: catalog.Catalog,
-    parts: dict[str, tuple[catalog.Case, ...]],
-    rows: list[dict],
-    progress: Progress,
+    config: TrainConfig, data: TrainingData, claim: Claim, progress: Progress
 ) -> TrainResult:
     from ray.train.tensorflow import TensorflowTrainer
     from ray.util.queue import Queue
 
+    store = claim.store
     fs, path = store.resolve(config.output)
     res = config.resources
-    cpus, _, node_cpus = pipeline.cluster_resources()
-    # The data is read before the workers start: preprocessing may have every CPU.
-    pool = pipeline.preprocess_pool(cpus, 0, res.preprocess_actors, res.actor_cpus, node_cpus)
-    datasets = {}
-    progress.start("read", sum(len(cases) for cases in parts.values()))
-    for name, cases in parts.items():
-        data = pipeline.preprocessed(
+    pool, worker_cpus = _pools(config)
+    datasets, rows = {}, []
+    progress.start("read", sum(len(cases) for cases in data.parts.values()))
+    for name, cases in data.parts.items():
+        read = pipeline.preprocessed(
             cases, config.recipe.model.size, pool, store, train=True
         ).materialize()
-        read = data.select_columns(["id", "source", "status", "error"]).take_all()
-        rows.extend(row | {"split": name, "error": row["error"] or None} for row in read)
-        progress.advance(len(read), sum(row["status"] == ERROR for row in read))
-        datasets[name] = data.filter(expr=col("status") == OK).select_columns(["image", "mask"])
+        done = read.select_columns(["id", "source", "status", "error"]).take_all()
+        rows.extend(row | {"split": name, "error": row["error"] or None} for row in done)
+        progress.advance(len(done), sum(row["status"] == ERROR for row in done))
+        datasets[name] = read.filter(expr=col("status") == OK).select_columns(["image", "mask"])
     progress.finish()
-    data = write_data_table(config, store, found, rows, config.workers, bool(parts["val"]))
+    statuses = write_data_table(claim, data, rows, config.workers)
 
     queue = Queue(actor_options={"num_cpus": 0})
     trainer = TensorflowTrainer(
@@ -265,17 +291,13 @@ def _train(
         scaling_config=ray.train.ScalingConfig(
             num_workers=config.workers,
             use_gpu=res.use_gpu,
-            resources_per_worker={
-                "CPU": pipeline.train_worker_cpus(
-                    cpus, config.workers, config.worker_cpus, node_cpus
-                )
-            },
+            resources_per_worker={"CPU": worker_cpus},
         ),
         datasets=datasets,
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
         run_config=ray.train.RunConfig(
-            name=os.path.basename(path),
-            storage_path=os.path.dirname(path),
+            name=CHECKPOINTS_DIR,
+            storage_path=path,
             storage_filesystem=fs,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
             failure_config=ray.train.FailureConfig(max_failures=MAX_FAILURES),
@@ -297,4 +319,4 @@ def _train(
     images = np.stack([row["image"] for row in films])
     model = ray.get(ray.remote(recipe.calibrated).remote(model, images))
     trainer = f"Ray Train, {config.workers} workers"
-    return finish_run(config, store, model, history, rows, trainer, data)
+    return finish_run(config, claim, model, history, rows, trainer, statuses)

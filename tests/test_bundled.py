@@ -98,8 +98,8 @@ def test_bundled_model_segments_the_sample_and_summary_matches_parquet(tmp_path)
     ]
 
     for row in rows:  # the patient's right lung (1) on the image's left, each a real share
-        labels = cv2.imread(row["labels"], cv2.IMREAD_UNCHANGED)
-        mask = cv2.imread(row["mask"], cv2.IMREAD_UNCHANGED)
+        labels = cv2.imread(str(output / row["labels"]), cv2.IMREAD_UNCHANGED)
+        mask = cv2.imread(str(output / row["mask"]), cv2.IMREAD_UNCHANGED)
         assert labels.shape == mask.shape == (row["height"], row["width"])
         assert ((labels > 0) == (mask > 0)).all() and set(np.unique(labels)) == {0, 1, 2}
         columns = np.nonzero(labels)[1], labels[labels > 0]

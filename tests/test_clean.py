@@ -158,10 +158,10 @@ def test_clean_sample_with_bad_files_end_to_end(tmp_path):
         row = rows[case_id]
         assert row["status"] == "ok" and row["error"] is None
         assert (row["height"], row["width"]) == (512, 512)
-        assert Path(row["cleaned"]) == out / "cleaned" / f"{case_id}.png"
-        assert Path(row["mask"]) == out / "masks" / f"{case_id}.png"
-        cleaned = cv2.imread(row["cleaned"], cv2.IMREAD_UNCHANGED)
-        mask = cv2.imread(row["mask"], cv2.IMREAD_UNCHANGED)
+        assert row["cleaned"] == f"cleaned/{case_id}.png"  # relative to the output root
+        assert row["mask"] == f"masks/{case_id}.png"
+        cleaned = cv2.imread(str(out / row["cleaned"]), cv2.IMREAD_UNCHANGED)
+        mask = cv2.imread(str(out / row["mask"]), cv2.IMREAD_UNCHANGED)
         assert cleaned.shape == mask.shape == (256, 256) and cleaned.dtype == np.uint8
         assert set(np.unique(mask)) == {0, 255}
         assert not cleaned[mask == 0].any()
@@ -184,7 +184,7 @@ def test_clean_sample_with_bad_files_end_to_end(tmp_path):
     assert Path(result.sheet) == out / "contact_sheet.png"
     sheet = cv2.imread(result.sheet, cv2.IMREAD_UNCHANGED)
     assert sheet.shape == (568, 2072)
-    first = cv2.imread(rows[SAMPLE_IDS[0]]["cleaned"], cv2.IMREAD_UNCHANGED)
+    first = cv2.imread(str(out / rows[SAMPLE_IDS[0]]["cleaned"]), cv2.IMREAD_UNCHANGED)
     np.testing.assert_array_equal(sheet[24:280, 256:512], first)
 
 

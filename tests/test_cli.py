@@ -95,12 +95,13 @@ def _one_line_error(done: subprocess.CompletedProcess, job: str, *expected: str)
         (["clean", "--blur-kernel", "4"], ["--blur-kernel must be odd"]),
         (["segment", "--no-such-option"], ["unrecognized arguments: --no-such-option"]),
         (["train", "--epochs", "many"], ["argument --epochs: invalid int value: 'many'"]),
-        (["report", "no/such/output"], ["segmentation.parquet"]),
+        (["report", "no/such/output"], ["no/such/output holds no lungseg output"]),
         (["evaluate", "--split", "no/such/split.json"], ["no/such/split.json"]),
     ],
 )
 def test_a_user_mistake_is_one_line_and_status_2(argv, expected):
     _one_line_error(_run(*argv), argv[0], *expected)
+    assert not (REPO / "no").exists(), "a refused job made a folder"
 
 
 @pytest.mark.timeout(120)

@@ -351,7 +351,7 @@ def test_segment_dicom_end_to_end(tmp_path: Path, model_path: str) -> None:
         # Only "square" has a mask among the masks given: the others are flagged, unscored.
         status = ("ok", None) if case_id == "square" else ("flagged", NO_TRUTH)
         assert (row["status"], row["error"]) == status
-        mask = cv2.imread(row["mask"], cv2.IMREAD_UNCHANGED)
+        mask = cv2.imread(str(out / row["mask"]), cv2.IMREAD_UNCHANGED)
         assert mask.shape == (height, width) == (row["height"], row["width"])
         assert set(np.unique(mask)) <= {0, 255}
         got = (row["modality"], row["view_position"], row["spacing_row_mm"], row["spacing_col_mm"])

@@ -103,7 +103,7 @@ def test_train_worker_killed_mid_epoch_finishes_from_the_checkpoint(faults, tmp_
     # from it (a run started over would have replaced it by a new epoch 1 and epoch 2).
     states = {
         len(json.loads(state.read_text())["history"]): state.stat().st_mtime
-        for state in run.glob("checkpoint_*/state.json")
+        for state in run.glob("checkpoints/checkpoint_*/state.json")
     }
     assert sorted(states) == [1, 2] and states[1] < died < states[2]
     assert (result.images, result.flagged, result.failed) == (7, 0, 1)

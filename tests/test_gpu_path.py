@@ -26,7 +26,11 @@ def ray_with_a_gpu():
 @pytest.mark.timeout(300)
 def test_gpu_pipeline_writes_what_the_cpu_pipeline_writes(tmp_path, model_path):
     root = copy_sample(tmp_path / "data", SAMPLE_IDS[:5])
-    config = labelled_config(root, tmp_path / "cpu", model=model_path, batch_size=2)
+    # In float32: in bfloat16 (auto, on a CPU with AVX-512 BF16) the two actors' probabilities
+    # differ in the last bits here; what this compares is the plumbing, not the arithmetic.
+    config = labelled_config(
+        root, tmp_path / "cpu", model=model_path, batch_size=2, precision="float32"
+    )
     on_cpu = run_segmentation(config)
     on_gpu = run_segmentation(
         replace(config, output=str(tmp_path / "gpu"), resources=ResourceConfig(use_gpu=True))

@@ -204,12 +204,12 @@ def test_segment_overlays_are_drawn_where_the_masks_are(segmented):
     assert sorted(p.stem for p in (out / "overlays").iterdir()) == sorted(sizes)
     for case_id, size in sizes.items():
         row = rows[case_id]
-        assert Path(row["overlay"]) == out / "overlays" / f"{case_id}.png"
-        written = cv2.imread(row["overlay"], cv2.IMREAD_UNCHANGED)
+        assert row["overlay"] == f"overlays/{case_id}.png"  # relative to the output root
+        written = cv2.imread(str(out / row["overlay"]), cv2.IMREAD_UNCHANGED)
         assert written.shape == (*size, 3)
         # The same picture again from the source, the written mask and the truth file.
         display = draw.downscale(imaging.load_image(Path(row["source"]).read_bytes()))
-        mask = imaging.binarise(cv2.imread(row["mask"], cv2.IMREAD_UNCHANGED))
+        mask = imaging.binarise(cv2.imread(str(out / row["mask"]), cv2.IMREAD_UNCHANGED))
         truth_file = segmented / "masks" / f"{case_id}.png"
         truth = None
         if truth_file.exists():
@@ -301,7 +301,7 @@ def test_report_job_writes_a_page_chromium_renders_and_sorts(segmented, tmp_path
     worst = cv2.imread(str(assets / "worst.png"))
     assert worst.shape == (CAPTION_HEIGHT + 256, 2 * 256 + GAP, 3)
     scored = sorted((r for r in rows if r["dice"] is not None), key=lambda r: (r["dice"], r["id"]))
-    overlay = cv2.imread(scored[0]["overlay"])
+    overlay = cv2.imread(str(out / scored[0]["overlay"]))
     np.testing.assert_array_equal(worst[CAPTION_HEIGHT:, :256], draw.fit(overlay, 256))
 
     page = (out / "report.html").as_uri()
@@ -349,7 +349,7 @@ def test_report_job_writes_a_page_chromium_renders_and_sorts(segmented, tmp_path
 @pytest.mark.timeout(400)
 def test_the_review_sheet_shows_what_quality_control_sent_lowest_score_first(segmented, tmp_path):
     out = tmp_path / "review"
-    out.mkdir()
+    shutil.copytree(segmented / "out", out)  # its files; the table is changed below
     rows = pq.read_table(segmented / "out" / "segmentation.parquet").to_pylist()
     done = sorted((r for r in rows if r["status"] != "error"), key=lambda r: r["id"])
     sent = {done[0]["id"]: 0.31, done[1]["id"]: 0.12, done[2]["id"]: 0.45}
@@ -369,13 +369,13 @@ def test_the_review_sheet_shows_what_quality_control_sent_lowest_score_first(seg
     assert sheet.shape == (CAPTION_HEIGHT + 256, 2 * 256 + GAP, 3)
     first = next(r for r in rows if r["id"] == lowest[0])
     np.testing.assert_array_equal(
-        sheet[CAPTION_HEIGHT:, :256], draw.fit(cv2.imread(first["overlay"]), 256)
+        sheet[CAPTION_HEIGHT:, :256], draw.fit(cv2.imread(str(out / first["overlay"])), 256)
     )
 
 
 def test_a_table_from_before_quality_control_still_makes_a_report(segmented, tmp_path):
     out = tmp_path / "old"
-    out.mkdir()
+    shutil.copytree(segmented / "out", out)  # its files; the table is changed below
     table = pq.read_table(segmented / "out" / "segmentation.parquet")
     pq.write_table(
         table.drop_columns(["qc_score", "qc", "qc_reason"]), out / "segmentation.parquet"
@@ -390,7 +390,7 @@ def test_a_table_from_before_quality_control_still_makes_a_report(segmented, tmp
 def test_report_without_overlays_or_truth_draws_from_sources(segmented, tmp_path):
     """No overlay and no Dice: sheets rank by lung fraction and are drawn from source + mask."""
     out = tmp_path / "bare"
-    out.mkdir()
+    shutil.copytree(segmented / "out", out)  # its files; the table is changed below
     table = pq.read_table(segmented / "out" / "segmentation.parquet")
     nulls = {
         name: pa.nulls(table.num_rows, table.schema.field(name).type)
@@ -399,6 +399,7 @@ def test_report_without_overlays_or_truth_draws_from_sources(segmented, tmp_path
     for name, column in nulls.items():
         table = table.set_column(table.schema.get_field_index(name), name, column)
     pq.write_table(table, out / "segmentation.parquet")
+    shutil.rmtree(out / "overlays")  # as the table says: a run without them
     result = report.run_report(ReportConfig(output=str(out), sheet=1))
     assert (result.images, result.failed) == (6, 1)
     page = (out / "report.html").read_text()
@@ -406,7 +407,7 @@ def test_report_without_overlays_or_truth_draws_from_sources(segmented, tmp_path
     rows = [r for r in table.to_pylist() if r["lung_fraction"] is not None]
     smallest = min(rows, key=lambda r: (r["lung_fraction"], r["id"]))
     image = draw.downscale(imaging.load_image(Path(smallest["source"]).read_bytes()))
-    mask = imaging.binarise(cv2.imread(smallest["mask"], cv2.IMREAD_UNCHANGED))
+    mask = imaging.binarise(cv2.imread(str(out / smallest["mask"]), cv2.IMREAD_UNCHANGED))
     expected = draw.fit(draw.overlay(image, imaging.resize_mask(mask, *image.shape), None), 256)
     worst = cv2.imread(str(out / "report" / "worst.png"))
     np.testing.assert_array_equal(worst[CAPTION_HEIGHT:], expected)

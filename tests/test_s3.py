@@ -43,7 +43,10 @@ def test_train_from_bucket_into_bucket_then_resume(s3, s3_endpoint):
     keys = {o["Key"] for o in s3.list_objects_v2(Bucket="runs")["Contents"]}
     for name in ("model.keras", "metrics.csv", "curves.png", "config.json"):
         assert f"unet/exp1/{name}" in keys
-    assert any(k.startswith("unet/exp1/checkpoint_") and k.endswith("model.keras") for k in keys)
+    assert any(
+        k.startswith("unet/exp1/checkpoints/checkpoint_") and k.endswith("model.keras")
+        for k in keys
+    )
     saved = s3.get_object(Bucket="runs", Key="unet/exp1/config.json")["Body"].read().decode()
     assert json.loads(saved)["data"] == data and S3_SECRET not in saved
 
@@ -76,7 +79,7 @@ def test_segment_bucket_prefix_into_another_bucket(s3, s3_endpoint, tmp_path):
     assert sorted(rows) == sorted([*SAMPLE_IDS[:5], "broken"])
     assert (result.images, result.failed) == (6, 1)
     for case_id in SAMPLE_IDS[:5]:
-        assert rows[case_id]["mask"] == f"s3://results/batch1/masks/{case_id}.png"
+        assert rows[case_id]["mask"] == f"masks/{case_id}.png"  # under s3://results/batch1
         assert rows[case_id]["source"] == f"{data}/images/{case_id}.png"
         assert 0 <= rows[case_id]["dice"] <= 1
         head = s3.head_object(Bucket="results", Key=f"batch1/masks/{case_id}.png")

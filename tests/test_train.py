@@ -36,7 +36,7 @@ def test_two_workers_train_then_resume(tmp_path):
     assert 0.0 <= row["dice"] <= 1.0 and 0.0 <= row["val_dice"] <= 1.0
     for name in ("model.keras", "metrics.csv", "config.json", "curves.png", "provenance.json"):
         assert (run / name).stat().st_size > 0, name
-    assert list(run.glob("checkpoint_*/model.keras")), "no checkpoint written"
+    assert list(run.glob("checkpoints/checkpoint_*/model.keras")), "no checkpoint written"
     assert json.loads((run / "config.json").read_text())["workers"] == 2
 
     resumed = run_training(replace(config, recipe=replace(config.recipe, epochs=2)))

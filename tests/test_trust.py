@@ -38,7 +38,7 @@ from lungseg.config import (
 )
 from lungseg.errors import UserError
 from lungseg.fit import run_fit
-from lungseg.layout import LOCK_FILE, MANIFEST_FILE
+from lungseg.layout import CLEAN, LOCK_FILE, MANIFEST_FILE, SEGMENT
 from lungseg.pipeline import resolve_precision
 from lungseg.segment import run_segmentation
 from lungseg.storage import DEFAULT_STORE
@@ -232,9 +232,9 @@ def test_4_a_second_job_on_a_held_root_is_refused_clearly(tmp_path):
     root = str(tmp_path / "out")
     held = {"resume": False, "overwrite": False}
     with (
-        outputs.claimed(DEFAULT_STORE, root, "segment", {}, ("masks",), **held),
+        outputs.claimed(DEFAULT_STORE, root, SEGMENT, "segment", {}, **held),
         pytest.raises(UserError, match=r"in use by another lungseg job \(segment, pid"),
-        outputs.claimed(DEFAULT_STORE, root, "segment", {}, ("masks",), **held),
+        outputs.claimed(DEFAULT_STORE, root, SEGMENT, "segment", {}, **held),
     ):
         pass
     assert not (tmp_path / "out" / LOCK_FILE).exists()
@@ -247,19 +247,23 @@ def test_4_a_crashed_jobs_lock_lapses(tmp_path, caplog):
     dead.wait()
     lock = {"job": "segment", "host": socket.gethostname(), "pid": dead.pid, "renewed": time.time()}
     (root / LOCK_FILE).write_text(json.dumps(lock))
-    with outputs.claimed(DEFAULT_STORE, str(root), "clean", {}, (), resume=False, overwrite=False):
+    with outputs.claimed(
+        DEFAULT_STORE, str(root), CLEAN, "clean", {}, resume=False, overwrite=False
+    ):
         pass
     assert "taking over" in caplog.text
     # A job on another machine that has not renewed its lock for the lease is gone too.
     lock |= {"host": "elsewhere", "renewed": time.time() - outputs.LEASE_SECONDS - 1}
     (root / LOCK_FILE).write_text(json.dumps(lock))
-    with outputs.claimed(DEFAULT_STORE, str(root), "clean", {}, (), resume=True, overwrite=False):
+    with outputs.claimed(
+        DEFAULT_STORE, str(root), CLEAN, "clean", {}, resume=True, overwrite=False
+    ):
         pass
     lock |= {"renewed": time.time()}
     (root / LOCK_FILE).write_text(json.dumps(lock))
     with (
         pytest.raises(UserError, match="in use by another lungseg job"),
-        outputs.claimed(DEFAULT_STORE, str(root), "clean", {}, (), resume=True, overwrite=False),
+        outputs.claimed(DEFAULT_STORE, str(root), CLEAN, "clean", {}, resume=True, overwrite=False),
     ):
         pass
 
