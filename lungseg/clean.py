@@ -90,11 +90,6 @@ def check_varies(gray: np.ndarray) -> None:
     raise FlaggedImage(f"{kind} image (every pixel is {lo:g}): nothing to threshold")
 
 
-def equalise(image: np.ndarray, clip: float, tile: int) -> np.ndarray:
-    """Contrast-limited adaptive histogram equalisation of a ``uint8`` image."""
-    return cv2.createCLAHE(clipLimit=clip, tileGridSize=(tile, tile)).apply(image)
-
-
 def denoise(image: np.ndarray, kernel: int, sigma: float) -> np.ndarray:
     """Gaussian blur with an odd ``kernel`` side (1: unchanged); sigma 0 is derived by OpenCV."""
     return cv2.GaussianBlur(image, (kernel, kernel), sigma)
@@ -155,7 +150,9 @@ def clean_image(gray: np.ndarray, params: CleanParams = DEFAULT_PARAMS) -> Clean
     """
     check_varies(gray)
     image = imaging.resize_image(imaging.normalise(gray), params.size)
-    smooth = equalise(image, params.clahe_clip, params.clahe_tile) if params.clahe else image
+    smooth = image
+    if params.clahe:
+        smooth = imaging.equalise(image, params.clahe_clip, params.clahe_tile)
     threshold, mask = otsu(denoise(smooth, params.blur_kernel, params.blur_sigma))
     inverted = should_invert(mask, params.invert)
     if inverted:
@@ -325,10 +322,9 @@ def run_cleaning(
 
 def _pool(config: CleanConfig) -> pipeline.Pool:
     """The cleaning actors' pool, refused where it could never start."""
-    res = config.resources
-    cpus, _, node_cpus = pipeline.cluster_resources()
-    pool = pipeline.preprocess_pool(cpus, 0, res.preprocess_actors, res.actor_cpus, node_cpus)
-    pipeline.check_fits({"--preprocess-actors/--actor-cpus": pool}, cpus, node_cpus)
+    on = pipeline.cluster()
+    pool = pipeline.preprocess_pool(on, config.resources)
+    pipeline.check_fits({"--preprocess-actors/--actor-cpus": pool}, on)
     return pool
 
 

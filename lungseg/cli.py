@@ -12,25 +12,20 @@ mistake in the command or its inputs (one line on stderr, no traceback unless ``
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 import traceback
+import typing
 from collections.abc import Callable, Sequence
 
 from lungseg import __version__, console
 from lungseg.config import (
-    AUTO,
-    BUNDLED_SPLIT,
-    INVERT_RULES,
-    PRECISIONS,
-    SAMPLE,
     BenchmarkConfig,
     CleanConfig,
-    CleanParams,
-    ModelConfig,
-    RecipeConfig,
+    EvaluateConfig,
+    ExportConfig,
     ReportConfig,
-    ResourceConfig,
     SegmentConfig,
     TrainConfig,
 )
@@ -63,381 +58,135 @@ def _console_options() -> argparse.ArgumentParser:
     return options
 
 
-def _add_resources(parser: argparse.ArgumentParser, gpu: bool = True) -> None:
-    d = ResourceConfig()
-    group = parser.add_argument_group("resources")
-    group.add_argument(
-        "--preprocess-actors",
-        type=int,
-        default=d.preprocess_actors,
-        help="OpenCV actors (default: a pool that grows to the spare CPUs)",
-    )
-    group.add_argument(
-        "--actor-cpus",
-        type=float,
-        default=d.actor_cpus,
-        help="CPUs per preprocessing actor (default: 0.4 up to 4 CPUs, else 1)",
-    )
-    if gpu:
-        group.add_argument("--gpu", action="store_true", help="train / segment on GPUs")
-    _add_endpoint(group)
+class _Help(argparse.HelpFormatter):
+    """Each option's help with its default, said once: not where the help says it already,
+    nor for flags (``--overlays``: off unless given) and options without one."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if (
+            "default" in text
+            or action.default in (None, True, False, argparse.SUPPRESS)
+            or action.nargs == 0
+        ):
+            return text
+        return f"{text} (default: %(default)s)"
 
 
-def _add_endpoint(parser) -> None:
-    parser.add_argument(
-        "--s3-endpoint",
-        default=None,
-        help="endpoint URL of an S3-compatible store, http(s)://host:port (default: "
-        "AWS_ENDPOINT_URL_S3 or AWS_ENDPOINT_URL, else AWS); never with credentials in it",
-    )
+def _shown(value: object) -> object:
+    """A default as it is typed: tuples comma-separated."""
+    return ",".join(map(str, value)) if isinstance(value, tuple) else value
 
 
-def _resources(args: argparse.Namespace) -> ResourceConfig:
-    return ResourceConfig(
-        preprocess_actors=args.preprocess_actors,
-        actor_cpus=args.actor_cpus,
-        use_gpu=getattr(args, "gpu", False),
-    )
+def _add_config(
+    parser: argparse.ArgumentParser,
+    cls: type,
+    prefix: str = "",
+    without: tuple[str, ...] = (),
+    group=None,
+) -> None:
+    """Offer every field of the config dataclass ``cls`` as an option, from the field's
+    metadata (:func:`lungseg.config.option`); a nested config's fields go into a group of their
+    own (its parent's, deeper down). ``dest`` is the field's dotted path, for :func:`_build`."""
+    target = group or parser
+    hints = typing.get_type_hints(cls)
+    for item in dataclasses.fields(cls):
+        meta = item.metadata
+        if not meta.get("cli", True) or item.name in without:
+            continue
+        dest, kind = f"{prefix}{item.name}", hints[item.name]
+        if dataclasses.is_dataclass(kind):
+            inner = group or parser.add_argument_group(meta.get("help") or item.name)
+            _add_config(parser, kind, f"{dest}.", meta.get("without", ()), inner)
+            continue
+        default = item.default if item.default is not dataclasses.MISSING else None
+        flag = meta.get("flag") or f"--{item.name.replace('_', '-')}"
+        options: dict = {"help": meta.get("help"), "dest": dest}
+        if kind is bool:
+            options["action"] = "store_false" if default else "store_true"
+        else:
+            base = next((t for t in typing.get_args(kind) if t is not type(None)), kind)
+            options["type"] = meta.get("parse") or (base if base in (int, float) else str)
+            options["choices"] = meta.get("choices")
+            options["default"] = _shown(default)
+            if not meta.get("choices"):
+                options["metavar"] = item.name.upper()
+        if meta.get("positional"):
+            del options["dest"]
+            target.add_argument(dest, nargs="?", **options)
+        else:
+            target.add_argument(flag, required=item.default is dataclasses.MISSING, **options)
+        if kind is bool:
+            parser.set_defaults(**{dest: default})
 
 
-def _add_train(commands, parents) -> None:
-    train = commands.add_parser(
-        "train",
-        parents=parents,
-        help="train a U-Net on labelled X-rays with Ray Train",
-        description="Train a U-Net on X-rays with lung masks (data-parallel, Ray Train). "
-        "Rerunning with the same --output resumes from its last checkpoint.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    d, r, m = TrainConfig(), RecipeConfig(), ModelConfig()
-    train.add_argument("--data", default=d.data, help="root of X-rays and masks, any layout")
-    train.add_argument("--masks", default=d.masks, help="separate root of the masks, if any")
-    train.add_argument(
-        "--output", default=d.output, help="run folder: checkpoints, model.keras, metrics.csv"
-    )
-    train.add_argument("--workers", type=int, default=d.workers, help="Ray Train workers")
-    train.add_argument(
-        "--worker-cpus",
-        type=float,
-        default=d.worker_cpus,
-        help="CPUs per train worker (default: half the cluster's CPUs shared among workers)",
-    )
-    train.add_argument(
-        "--val-fraction", type=float, default=d.val_fraction, help="share of ids held out"
-    )
-    train.add_argument(
-        "--split",
-        default=d.split,
-        help=f"JSON file with 'train' and 'val' id lists, instead of --val-fraction (the bundled "
-        f"model's: {BUNDLED_SPLIT})",
-    )
-    recipe = train.add_argument_group("recipe")
-    recipe.add_argument("--epochs", type=int, default=r.epochs, help="epochs to train in all")
-    recipe.add_argument(
-        "--batch-size",
-        type=int,
-        default=r.batch_size,
-        help="images per training step, split evenly among the workers",
-    )
-    recipe.add_argument(
-        "--learning-rate", type=float, default=r.learning_rate, help="Adam's starting rate"
-    )
-    recipe.add_argument(
-        "--no-augment",
-        dest="augment",
-        action="store_false",
-        help="train without random rotation, scaling, shifts, brightness, contrast and gamma",
-    )
-    recipe.add_argument(
-        "--patience",
-        type=int,
-        default=r.patience,
-        help="stop after this many epochs without a better validation Dice (0: never); "
-        "the run's model.keras is the best epoch's",
-    )
-    recipe.add_argument("--seed", type=int, default=r.seed, help="seed of weights and shuffling")
-    recipe.add_argument("--size", type=int, default=m.size, help="model input size in pixels")
-    recipe.add_argument(
-        "--base-filters", type=int, default=m.base_filters, help="filters of the first level"
-    )
-    recipe.add_argument("--depth", type=int, default=m.depth, help="U-Net poolings")
-    train.add_argument(
-        "--allow-local-output",
-        action="store_true",
-        help="accept a local --output on a multi-node cluster (a path every node mounts, e.g. NFS)",
-    )
-    train.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="replace the run in --output (a rerun with the same data, split and recipe goes "
-        "on with it; one with others is refused unless this is given)",
-    )
-    train.add_argument(
-        "--single-process",
-        action="store_true",
-        help="train in this process without Ray (Keras on its own backend and devices): the "
-        "same recipe and run folder, no checkpoints to resume from",
-    )
-    _add_resources(train)
+def _build(cls: type, args: argparse.Namespace, prefix: str = ""):
+    """The config dataclass ``cls`` from the options :func:`_add_config` offered; fields that
+    are not options keep their defaults. A ConfigError (a UserError) for an impossible one."""
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for item in dataclasses.fields(cls):
+        dest = f"{prefix}{item.name}"
+        if dataclasses.is_dataclass(hints[item.name]):
+            values[item.name] = _build(hints[item.name], args, f"{dest}.")
+        elif hasattr(args, dest):
+            value = getattr(args, dest)
+            parse = item.metadata.get("parse")
+            values[item.name] = parse(value) if parse and isinstance(value, str) else value
+    return cls(**values)
 
 
-def _train_config(args: argparse.Namespace) -> TrainConfig:
-    return TrainConfig(
-        data=args.data,
-        masks=args.masks,
-        output=args.output,
-        workers=args.workers,
-        worker_cpus=args.worker_cpus,
-        val_fraction=args.val_fraction,
-        split=args.split,
-        recipe=RecipeConfig(
-            epochs=args.epochs,
-            batch_size=args.batch_size,
-            learning_rate=args.learning_rate,
-            augment=args.augment,
-            patience=args.patience,
-            seed=args.seed,
-            model=ModelConfig(size=args.size, base_filters=args.base_filters, depth=args.depth),
-        ),
-        resources=_resources(args),
-        s3_endpoint=args.s3_endpoint,
-        allow_local_output=args.allow_local_output,
-        single_process=args.single_process,
-        overwrite=args.overwrite,
-    )
-
-
-def _add_segment_arguments(parser: argparse.ArgumentParser, output: str) -> None:
-    d = SegmentConfig()
-    parser.add_argument("--model", default=d.model, help=".keras model (default: the bundled one)")
-    parser.add_argument(
-        "--input",
-        default=None,
-        help=f"X-rays to segment (default: the packaged sample, {SAMPLE}/images, with its masks)",
-    )
-    parser.add_argument("--masks", default=d.masks, help="ground-truth masks, for Dice and IoU")
-    parser.add_argument("--output", default=output, help="output root")
-    parser.add_argument("--batch-size", type=int, default=d.batch_size, help="images per call")
-    parser.add_argument("--threshold", type=float, default=d.threshold, help="lung probability cut")
-    parser.add_argument(
-        "--precision",
-        choices=(AUTO, *PRECISIONS),
-        default=d.precision,
-        help="what the model computes in: auto is bfloat16 on GPUs and on CPUs with bf16 units "
-        "(AVX-512 BF16, AMX), else float32; float16 is for GPU tensor cores",
-    )
-    parser.add_argument(
-        "--segment-actors",
-        type=int,
-        default=d.segment_actors,
-        help="model actors (default: one per GPU with --gpu, else one per 8 CPUs)",
-    )
-    parser.add_argument(
-        "--overlays",
-        action="store_true",
-        help="also write OUTPUT/overlays/<id>.png: the X-ray (longest side 512) with the "
-        "predicted outline and, where a ground truth exists, agreement colours",
-    )
-    rerun = parser.add_mutually_exclusive_group()
-    rerun.add_argument(
-        "--resume",
-        action="store_true",
-        help="go on with the earlier (e.g. interrupted) run in OUTPUT: keep the images it "
-        "already did, segment the rest; refused if the earlier run had other settings",
-    )
-    rerun.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="replace the earlier run in OUTPUT: the files its ledger lists are removed first",
-    )
-    _add_resources(parser)
-
-
-def _segment_config(args: argparse.Namespace) -> SegmentConfig:
-    sample = args.input is None
-    return SegmentConfig(
-        model=args.model,
-        input=SegmentConfig().input if sample else args.input,
-        masks=f"{SAMPLE}/masks" if sample and args.masks is None else args.masks,
-        output=args.output,
-        batch_size=args.batch_size,
-        threshold=args.threshold,
-        segment_actors=args.segment_actors,
-        resources=_resources(args),
-        s3_endpoint=args.s3_endpoint,
-        overlays=args.overlays,
-        resume=args.resume,
-        overwrite=args.overwrite,
-        precision=args.precision,
-    )
-
-
-def _add_clean(commands, parents) -> None:
-    clean = commands.add_parser(
-        "clean",
-        parents=parents,
-        help="clean unlabelled X-rays with OpenCV: Otsu masks, cleaned images, a Parquet table",
-        description="Clean X-rays with OpenCV alone: OUTPUT/cleaned/<id>.png (the image masked "
-        "by its Otsu foreground), OUTPUT/masks/<id>.png, one row per image in "
+_CONFIGS: dict[str, tuple[type, str, str]] = {
+    # job: (its config, one line for the job list, the description of its --help)
+    "train": (
+        TrainConfig,
+        "train a U-Net on labelled X-rays with Ray Train",
+        "Train a U-Net on X-rays with lung masks (data-parallel, Ray Train). Rerunning with "
+        "the same --output resumes from its last checkpoint.",
+    ),
+    "segment": (
+        SegmentConfig,
+        "segment a folder or bucket of X-rays into masks + a Parquet table",
+        "Segment X-rays: a mask PNG per image at its own size under OUTPUT/masks/, one row per "
+        "image in OUTPUT/segmentation.parquet (Dice/IoU where masks are given).",
+    ),
+    "evaluate": (
+        EvaluateConfig,
+        "score a model on labelled X-rays: the segment outputs plus summary.json",
+        "Segment labelled X-rays and write, besides OUTPUT/masks/ and "
+        "OUTPUT/segmentation.parquet, OUTPUT/summary.json: mean/median/min Dice and IoU overall "
+        "and per dataset (the id's prefix, e.g. MCUCXR, CHNCXR) and the worst ids.",
+    ),
+    "export": (
+        ExportConfig,
+        "export a .keras model as a TensorFlow SavedModel for serving",
+        "Write a TensorFlow SavedModel (signature 'serve': float32 X-rays (batch, size, size, 1) "
+        "in [0, 255] -> lung probabilities) of a .keras model.",
+    ),
+    "clean": (
+        CleanConfig,
+        "clean unlabelled X-rays with OpenCV: Otsu masks, cleaned images, a Parquet table",
+        "Clean X-rays with OpenCV alone: OUTPUT/cleaned/<name>.png (the image masked by its "
+        "Otsu foreground), OUTPUT/masks/<name>.png, one row per image in "
         "OUTPUT/cleaning.parquet and OUTPUT/contact_sheet.png of the first images.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    d, p = CleanConfig(), CleanParams()
-    clean.add_argument(
-        "--input",
-        default=d.input,
-        help="X-rays to clean, a folder or s3:// prefix; mask files in it are skipped "
-        "(default: the packaged sample)",
-    )
-    clean.add_argument("--output", default=d.output, help="output root")
-    clean.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="replace the earlier run in OUTPUT: its outputs are removed first",
-    )
-    clean.add_argument(
-        "--sheet", type=int, default=d.sheet, help="images on the contact sheet, first by id"
-    )
-    clean.add_argument(
-        "--batch-size", type=int, default=d.batch_size, help="most images per actor call"
-    )
-    steps = clean.add_argument_group("cleaning steps")
-    steps.add_argument("--size", type=int, default=p.size, help="output side in pixels")
-    steps.add_argument(
-        "--blur-kernel", type=int, default=p.blur_kernel, help="odd Gaussian kernel side (1: off)"
-    )
-    steps.add_argument(
-        "--blur-sigma", type=float, default=p.blur_sigma, help="Gaussian sigma (0: from kernel)"
-    )
-    steps.add_argument("--clahe", action="store_true", help="equalise contrast with CLAHE first")
-    steps.add_argument("--clahe-clip", type=float, default=p.clahe_clip, help="CLAHE clip limit")
-    steps.add_argument("--clahe-tile", type=int, default=p.clahe_tile, help="CLAHE tiles per side")
-    steps.add_argument(
-        "--open-kernel", type=int, default=p.open_kernel, help="opening ellipse side (0: off)"
-    )
-    steps.add_argument(
-        "--close-kernel", type=int, default=p.close_kernel, help="closing ellipse side (0: off)"
-    )
-    steps.add_argument(
-        "--invert",
-        choices=INVERT_RULES,
-        default=p.invert,
-        help="invert the Otsu mask: 'border' when most of its 1-pixel border ring is foreground",
-    )
-    _add_resources(clean, gpu=False)
-
-
-def _clean_config(args: argparse.Namespace) -> CleanConfig:
-    return CleanConfig(
-        input=args.input,
-        output=args.output,
-        params=CleanParams(
-            size=args.size,
-            blur_kernel=args.blur_kernel,
-            blur_sigma=args.blur_sigma,
-            clahe=args.clahe,
-            clahe_clip=args.clahe_clip,
-            clahe_tile=args.clahe_tile,
-            open_kernel=args.open_kernel,
-            close_kernel=args.close_kernel,
-            invert=args.invert,
-        ),
-        sheet=args.sheet,
-        batch_size=args.batch_size,
-        resources=_resources(args),
-        s3_endpoint=args.s3_endpoint,
-        overwrite=args.overwrite,
-    )
-
-
-def _add_report(commands, parents) -> None:
-    report = commands.add_parser(
-        "report",
-        parents=parents,
-        help="an HTML report of a segment job's output: summary, histogram, worst/best, table",
-        description="Write OUTPUT/report.html and its pictures in OUTPUT/report/ from "
+    ),
+    "report": (
+        ReportConfig,
+        "an HTML report of a segment job's output: summary, histogram, worst/best, table",
+        "Write OUTPUT/report.html and its pictures in OUTPUT/report/ from "
         "OUTPUT/segmentation.parquet: summary numbers, a Dice histogram, contact sheets of the "
         "worst and best images and of those quality control sent to review, and a sortable "
         "table of every image. No Ray, no server.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    d = ReportConfig()
-    report.add_argument("output", nargs="?", default=d.output, help="a segment job's output root")
-    report.add_argument("--run", default=d.run, help="training run folder: adds its curves")
-    report.add_argument(
-        "--sheet", type=int, default=d.sheet, help="images on each of the worst and best sheets"
-    )
-    report.add_argument(
-        "--review",
-        type=int,
-        default=d.review,
-        help="most images on the sheet of those sent to review, lowest QC score first",
-    )
-    _add_endpoint(report)
-
-
-def _add_benchmark(commands, parents) -> None:
-    bench = commands.add_parser(
-        "benchmark",
-        parents=parents,
-        help="measure each Ray stage against the plain loop a user would write, side by side",
-        description="On copies of real X-rays, in one run: preprocessing and inference on Ray "
-        "against a plain single-process loop (images/s), a training epoch on Ray Train against "
+    ),
+    "benchmark": (
+        BenchmarkConfig,
+        "measure each Ray stage against the plain loop a user would write, side by side",
+        "On copies of real X-rays, in one run: preprocessing and inference on Ray against a "
+        "plain single-process loop (images/s), a training epoch on Ray Train against "
         "model.fit (s), and the peak memory of the Ray session segmenting a small vs a large "
         "set. Prints a table, writes OUTPUT/benchmark.json.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    d = BenchmarkConfig()
-    bench.add_argument("--input", default=d.input, help="local root of X-rays to copy")
-    bench.add_argument("--output", default=d.output, help="folder of benchmark.json")
-    bench.add_argument("--model", default=d.model, help=".keras model of the inference rows")
-    bench.add_argument("--films", type=int, default=d.films, help="hospital films")
-    bench.add_argument(
-        "--film-size", type=int, default=d.film_size, help="pixels a side of the hospital films"
-    )
-    bench.add_argument("--images", type=int, default=d.images, help="512 px films of inference")
-    bench.add_argument(
-        "--preprocess-images",
-        type=int,
-        default=d.preprocess_images,
-        help="images of the preprocessing row",
-    )
-    bench.add_argument(
-        "--memory-images",
-        type=lambda text: tuple(int(n) for n in text.split(",")),
-        default=",".join(map(str, d.memory_images)),
-        help="the small and the large set of the memory row",
-    )
-    bench.add_argument(
-        "--train-images", type=int, default=d.train_images, help="images of the training epoch"
-    )
-    bench.add_argument("--batch-size", type=int, default=d.batch_size, help="images per step")
-    bench.add_argument("--rounds", type=int, default=d.rounds, help="runs of each side (best)")
-    bench.add_argument(
-        "--stages",
-        type=lambda text: tuple(text.split(",")),
-        default=",".join(d.stages),
-        help="comma-separated rows to measure",
-    )
-    bench.add_argument("--gpu", action="store_true", help="segment on a GPU (inference rows)")
-
-
-def _benchmark_config(args: argparse.Namespace) -> BenchmarkConfig:
-    return BenchmarkConfig(
-        input=args.input,
-        output=args.output,
-        model=args.model,
-        films=args.films,
-        film_size=args.film_size,
-        images=args.images,
-        preprocess_images=args.preprocess_images,
-        memory_images=args.memory_images,
-        train_images=args.train_images,
-        batch_size=args.batch_size,
-        rounds=args.rounds,
-        stages=args.stages,
-        use_gpu=args.gpu,
-    )
+    ),
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -445,69 +194,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     parents = [_console_options()]
-    _add_train(commands, parents)
-    segment = commands.add_parser(
-        "segment",
-        parents=parents,
-        help="segment a folder or bucket of X-rays into masks + a Parquet table",
-        description="Segment X-rays: a mask PNG per image at its own size under OUTPUT/masks/, "
-        "one row per image in OUTPUT/segmentation.parquet (Dice/IoU where masks are given).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    _add_segment_arguments(segment, SegmentConfig().output)
-    evaluate = commands.add_parser(
-        "evaluate",
-        parents=parents,
-        help="score a model on labelled X-rays: the segment outputs plus summary.json",
-        description="Segment labelled X-rays and write, besides OUTPUT/masks/ and "
-        "OUTPUT/segmentation.parquet, OUTPUT/summary.json: mean/median/min Dice and IoU "
-        "overall and per dataset (the id's prefix, e.g. MCUCXR, CHNCXR) and the worst ids.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    _add_segment_arguments(evaluate, "out/evaluate")
-    evaluate.add_argument(
-        "--split",
-        default=None,
-        help=f"JSON file of id lists: evaluate only those of --subset (the bundled model's "
-        f"split: {BUNDLED_SPLIT})",
-    )
-    evaluate.add_argument("--subset", default="val", help="which list of the --split file")
-    export = commands.add_parser(
-        "export",
-        parents=parents,
-        help="export a .keras model as a TensorFlow SavedModel for serving",
-        description="Write a TensorFlow SavedModel (signature 'serve': float32 X-rays "
-        "(batch, size, size, 1) in [0, 255] -> lung probabilities) of a .keras model.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    export.add_argument("--model", default=SegmentConfig().model, help=".keras model to export")
-    export.add_argument("--output", required=True, help="folder of the SavedModel (path or s3://)")
-    export.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="replace the earlier export in OUTPUT: its files are removed first",
-    )
-    _add_endpoint(export)
-    _add_clean(commands, parents)
-    _add_report(commands, parents)
-    _add_benchmark(commands, parents)
+    for job, (cls, summary, description) in _CONFIGS.items():
+        sub = commands.add_parser(
+            job, parents=parents, help=summary, description=description, formatter_class=_Help
+        )
+        _add_config(sub, cls)
     return parser
 
 
 def _config(args: argparse.Namespace):
     """The job's config from its arguments: a ConfigError (a UserError) on an impossible one."""
-    makers: dict[str, Callable[[argparse.Namespace], object]] = {
-        "train": _train_config,
-        "segment": _segment_config,
-        "evaluate": _segment_config,
-        "clean": _clean_config,
-        "report": lambda a: ReportConfig(
-            output=a.output, run=a.run, sheet=a.sheet, review=a.review, s3_endpoint=a.s3_endpoint
-        ),
-        "benchmark": _benchmark_config,
-        "export": lambda a: a,
-    }
-    return makers[args.command](args)
+    return _build(_CONFIGS[args.command][0], args)
 
 
 def _say(text: str) -> None:
@@ -515,7 +212,7 @@ def _say(text: str) -> None:
         print(console.printable(line), flush=True)
 
 
-def _train(config: TrainConfig, session: console.Session, args: argparse.Namespace) -> int:
+def _train(config: TrainConfig, session: console.Session) -> int:
     started = time.monotonic()
     if config.single_process:
         from lungseg.fit import run_fit
@@ -539,12 +236,10 @@ def _train(config: TrainConfig, session: console.Session, args: argparse.Namespa
     return EXIT_IMAGES_FAILED if result.failed else EXIT_OK
 
 
-def _evaluate(config: SegmentConfig, session: console.Session, args: argparse.Namespace) -> int:
+def _evaluate(config: EvaluateConfig, session: console.Session) -> int:
     from lungseg.evaluate import run_evaluation
 
-    summary = run_evaluation(
-        config, args.split, args.subset, session.progress(), start_ray=session.start_ray
-    )
+    summary = run_evaluation(config, session.progress(), start_ray=session.start_ray)
     for name, stats in {"all": summary["overall"], **summary["datasets"]}.items():
         dice, iou = stats["dice"] or {}, stats["iou"] or {}
         _say(
@@ -570,7 +265,7 @@ def _evaluate(config: SegmentConfig, session: console.Session, args: argparse.Na
     return EXIT_IMAGES_FAILED if summary["failed"] else EXIT_OK
 
 
-def _segment(config: SegmentConfig, session: console.Session, args: argparse.Namespace) -> int:
+def _segment(config: SegmentConfig, session: console.Session) -> int:
     from lungseg.segment import run_segmentation
 
     result = run_segmentation(config, session.progress(), start_ray=session.start_ray)
@@ -586,7 +281,7 @@ def _segment(config: SegmentConfig, session: console.Session, args: argparse.Nam
     return EXIT_IMAGES_FAILED if result.failed else EXIT_OK
 
 
-def _clean(config: CleanConfig, session: console.Session, args: argparse.Namespace) -> int:
+def _clean(config: CleanConfig, session: console.Session) -> int:
     from lungseg.clean import run_cleaning
 
     cleaned = run_cleaning(config, session.progress(), start_ray=session.start_ray)
@@ -597,7 +292,7 @@ def _clean(config: CleanConfig, session: console.Session, args: argparse.Namespa
     return EXIT_IMAGES_FAILED if cleaned.failed else EXIT_OK
 
 
-def _report(config: ReportConfig, session: console.Session, args: argparse.Namespace) -> int:
+def _report(config: ReportConfig, session: console.Session) -> int:
     from lungseg.report import run_report  # pictures and HTML only: no Ray
 
     report = run_report(config)
@@ -605,15 +300,14 @@ def _report(config: ReportConfig, session: console.Session, args: argparse.Names
     return EXIT_OK
 
 
-def _export(config: argparse.Namespace, session: console.Session, args: argparse.Namespace) -> int:
+def _export(config: ExportConfig, session: console.Session) -> int:
     from lungseg.export import export_saved_model  # TensorFlow only: no Ray
 
-    output = export_saved_model(args.model, args.output, args.s3_endpoint, args.overwrite)
-    _say(f"SavedModel: {output}")
+    _say(f"SavedModel: {export_saved_model(config)}")
     return EXIT_OK
 
 
-def _benchmark(config: BenchmarkConfig, session: console.Session, args: argparse.Namespace) -> int:
+def _benchmark(config: BenchmarkConfig, session: console.Session) -> int:
     from lungseg.benchmark import format_table, run_benchmark
 
     session.start_ray()  # local: the memory row measures the processes this driver starts
@@ -624,7 +318,7 @@ def _benchmark(config: BenchmarkConfig, session: console.Session, args: argparse
 
 
 _JOBS: dict[str, Callable[..., int]] = {
-    # each: (config, session, args) -> exit status
+    # each: (config, session) -> exit status
     "train": _train,
     "segment": _segment,
     "evaluate": _evaluate,
@@ -653,8 +347,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     with console.Session(level, args.command) as session:
         try:
             config = _config(args)
-            Store.for_job(getattr(args, "s3_endpoint", None))  # checked before any work
-            return _JOBS[args.command](config, session, args)
+            Store.for_job(getattr(config, "s3_endpoint", None))  # checked before any work
+            return _JOBS[args.command](config, session)
         except UserError as exc:
             if args.debug:
                 traceback.print_exc()

@@ -1,27 +1,35 @@
-"""Frozen settings of each job, filled from the command line by cli.py."""
+"""Frozen settings of each job: the one source of every default, of every option's help and of
+its choices (in each field's metadata, :func:`option`), from which :mod:`lungseg.cli` builds
+the command line."""
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
 from importlib.resources import files
+from typing import Any
 
 from lungseg.errors import UserError
 
 SAMPLE = str(files("lungseg") / "sample")
 """The 16 Montgomery X-rays with masks packaged with lungseg: every job's default input."""
+SAMPLE_IMAGES, SAMPLE_MASKS = f"{SAMPLE}/images", f"{SAMPLE}/masks"
 
 BUNDLED_MODEL = str(files("lungseg") / "models" / "lungseg-unet256.keras")
-"""The pretrained U-Net packaged with lungseg (see the README's model card): segment's default."""
+"""The pretrained U-Net packaged with lungseg (see the model card): segment's default."""
 BUNDLED_SPLIT = str(files("lungseg") / "models" / "split.json")
 """The train/validation split of the 604 cxr-lungs ids that the bundled model was trained on."""
 BUNDLED_PROVENANCE = str(files("lungseg") / "models" / "lungseg-unet256.provenance.json")
 """What made the bundled weights: recipe, split, selected epoch, their SHA-256."""
 
 PREPROCESS_BATCH = 128
-"""Most images per preprocessing task. Each Ray Data task costs scheduling, a block in the
-object store and an idle gap in its actor: on 2 cores, 4,000 X-rays went through two actors at
-303 images/s in tasks of 16, 421 in tasks of 32 and 565 in tasks of 128."""
+"""Most images per preprocessing task: each Ray Data task costs scheduling, a block in the
+object store and an idle gap in its actor (measured in the docs' performance page)."""
+THRESHOLD = 0.5
+"""The lung probability at which masks are cut, in segment and in training's validation."""
+CONTRAST_CLIP, CONTRAST_TILES = 2.0, 8
+"""CLAHE's clip limit and tiles per side: quality control's second view, clean's default."""
 
 
 class ConfigError(UserError, ValueError):
@@ -33,18 +41,57 @@ def _check(ok: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+def option(
+    default: Any = None,
+    help: str = "",
+    *,
+    flag: str | None = None,
+    choices: tuple | None = None,
+    parse: Callable[[str], Any] | None = None,
+    positional: bool = False,
+    required: bool = False,
+    cli: bool = True,
+    without: tuple[str, ...] = (),
+) -> Any:
+    """A config field and how the command line offers it: ``help``, its ``flag`` (default
+    ``--field-name``), ``choices``, ``parse`` (text to value, for tuples), ``positional``,
+    ``required`` (no default), ``cli=False`` (set by the job, not by the user), and for a nested
+    config the fields it leaves ``without``."""
+    meta = {"help": help, "flag": flag, "choices": choices, "parse": parse,
+            "positional": positional, "cli": cli, "without": without}  # fmt: skip
+    return field(metadata=meta) if required else field(default=default, metadata=meta)
+
+
+def _parts(text: str) -> tuple[str, ...]:
+    return tuple(part for part in text.split(",") if part)
+
+
+def _counts(text: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in _parts(text))
+
+
 DEFAULT_RUN = "runs/lungseg"
 DEFAULT_SEGMENT_OUTPUT = "out/segment"
 DEFAULT_EVALUATE_OUTPUT = "out/evaluate"
+DEFAULT_CLEAN_OUTPUT = "out/clean"
+DEFAULT_BENCHMARK_OUTPUT = "out/benchmark"
+S3_ENDPOINT_HELP = (
+    "endpoint URL of an S3-compatible store, http(s)://host:port (default: AWS_ENDPOINT_URL_S3 "
+    "or AWS_ENDPOINT_URL, else AWS); never with credentials in it"
+)
+
+
+def _s3_endpoint() -> Any:
+    return option(None, S3_ENDPOINT_HELP)
 
 
 @dataclass(frozen=True)
 class ModelConfig:
     """U-Net shape: input ``size`` x ``size``, filters doubling from ``base_filters``."""
 
-    size: int = 256
-    base_filters: int = 16
-    depth: int = 4
+    size: int = option(256, "model input size in pixels")
+    base_filters: int = option(16, "filters of the first level")
+    depth: int = option(4, "U-Net poolings")
 
     def __post_init__(self) -> None:
         _check(
@@ -65,13 +112,21 @@ class RecipeConfig:
     stopping (0: never).
     """
 
-    epochs: int = 40
-    batch_size: int = 4
-    learning_rate: float = 1e-3
-    augment: bool = True
-    patience: int = 20
-    seed: int = 0
-    model: ModelConfig = ModelConfig()
+    epochs: int = option(40, "epochs to train in all")
+    batch_size: int = option(4, "images per training step, split evenly among the workers")
+    learning_rate: float = option(1e-3, "Adam's starting rate")
+    augment: bool = option(
+        True,
+        "train without random rotation, scaling, shifts, brightness, contrast and gamma",
+        flag="--no-augment",
+    )
+    patience: int = option(
+        20,
+        "stop after this many epochs without a better validation Dice (0: never); the run's "
+        "model.keras is the best epoch's",
+    )
+    seed: int = option(0, "seed of weights and shuffling")
+    model: ModelConfig = option(ModelConfig(), "U-Net")
 
     def __post_init__(self) -> None:
         _check(self.epochs >= 1, f"--epochs must be at least 1, got {self.epochs}")
@@ -88,9 +143,13 @@ class ResourceConfig:
     """Preprocessing actors and their CPUs each, GPUs for the model (None: derived from the
     cluster's CPUs and GPUs, :mod:`lungseg.pipeline`)."""
 
-    preprocess_actors: int | None = None
-    actor_cpus: float | None = None
-    use_gpu: bool = False
+    preprocess_actors: int | None = option(
+        None, "OpenCV actors (default: a pool that grows to the spare CPUs)"
+    )
+    actor_cpus: float | None = option(
+        None, "CPUs per preprocessing actor (default: 0.8 up to 4 CPUs a node, else 1)"
+    )
+    use_gpu: bool = option(False, "train / segment on GPUs, one each", flag="--gpu")
 
     def __post_init__(self) -> None:
         _check(
@@ -112,19 +171,36 @@ class TrainConfig:
     the resources then do not apply).
     """
 
-    data: str = SAMPLE
-    masks: str | None = None
-    output: str = DEFAULT_RUN
-    workers: int = 2
-    worker_cpus: float | None = None
-    val_fraction: float = 0.2
-    split: str | None = None
-    recipe: RecipeConfig = RecipeConfig()
-    resources: ResourceConfig = ResourceConfig()
-    s3_endpoint: str | None = None
-    allow_local_output: bool = False
-    single_process: bool = False
-    overwrite: bool = False  # replace the run in ``output`` instead of going on with it
+    data: str = option(SAMPLE, "root of X-rays and masks, any layout")
+    masks: str | None = option(None, "separate root of the masks, if any")
+    output: str = option(DEFAULT_RUN, "run folder: checkpoints, model.keras, metrics.csv")
+    workers: int = option(2, "Ray Train workers")
+    worker_cpus: float | None = option(
+        None, "CPUs per train worker (default: half the cluster's CPUs shared among workers)"
+    )
+    val_fraction: float = option(0.2, "share of ids held out")
+    split: str | None = option(
+        None,
+        f"JSON file with 'train' and 'val' id lists, instead of --val-fraction (the bundled "
+        f"model's: {BUNDLED_SPLIT})",
+    )
+    recipe: RecipeConfig = option(RecipeConfig(), "recipe")
+    resources: ResourceConfig = option(ResourceConfig(), "resources")
+    s3_endpoint: str | None = _s3_endpoint()
+    allow_local_output: bool = option(
+        False,
+        "accept a local --output on a multi-node cluster (a path every node mounts, e.g. NFS)",
+    )
+    single_process: bool = option(
+        False,
+        "train in this process without Ray (Keras on its own backend and devices): the same "
+        "recipe and run folder, no checkpoints to resume from",
+    )
+    overwrite: bool = option(
+        False,
+        "replace the run in --output (a rerun with the same data, split and recipe goes on "
+        "with it; one with others is refused unless this is given)",
+    )
 
     def __post_init__(self) -> None:
         _check(self.workers >= 1, f"--workers must be at least 1, got {self.workers}")
@@ -155,22 +231,46 @@ float32: :func:`lungseg.pipeline.resolve_precision`."""
 
 @dataclass(frozen=True)
 class SegmentConfig:
-    model: str = BUNDLED_MODEL
-    input: str = f"{SAMPLE}/images"
-    masks: str | None = None
-    output: str = DEFAULT_SEGMENT_OUTPUT
-    batch_size: int = 8
-    threshold: float = 0.5
-    segment_actors: int | None = None  # model actors (None: one per GPU, or per 8 CPUs)
-    resources: ResourceConfig = ResourceConfig()
-    s3_endpoint: str | None = None
-    overlays: bool = False
-    ids: tuple[str, ...] | None = None  # only these ids of the catalog (evaluate's split)
-    resume: bool = False  # go on with the run whose outputs are in ``output`` (same settings)
-    overwrite: bool = False  # replace the run whose outputs are in ``output``
-    precision: str = "auto"
+    """Settings of ``lungseg segment``. Without an ``input`` of its own the job segments the
+    packaged sample, scored against the sample's masks."""
+
+    model: str = option(BUNDLED_MODEL, ".keras model (default: the bundled one)")
+    input: str = option(
+        SAMPLE_IMAGES, "X-rays to segment (default: the packaged sample, with its masks)"
+    )
+    masks: str | None = option(None, "ground-truth masks, for Dice and IoU")
+    output: str = option(DEFAULT_SEGMENT_OUTPUT, "output root")
+    batch_size: int = option(8, "images per model call")
+    threshold: float = option(THRESHOLD, "lung probability cut")
+    precision: str = option(
+        AUTO,
+        "what the model computes in: auto is bfloat16 on GPUs and on CPUs with bf16 units "
+        "(AVX-512 BF16, AMX), else float32; float16 is for GPU tensor cores",
+        choices=(AUTO, *PRECISIONS),
+    )
+    segment_actors: int | None = option(
+        None, "model actors (default: one per GPU with --gpu, else one per 8 CPUs)"
+    )
+    overlays: bool = option(
+        False,
+        "also write OUTPUT/overlays/<name>.png: the X-ray (longest side 512) with the predicted "
+        "outline and, where a ground truth exists, agreement colours",
+    )
+    resume: bool = option(
+        False,
+        "go on with the earlier (e.g. interrupted) run in OUTPUT: keep the images it did whose "
+        "inputs and files are unchanged, segment the rest; refused if it had other settings",
+    )
+    overwrite: bool = option(
+        False, "replace the earlier run in OUTPUT: the files its ledger lists are removed first"
+    )
+    resources: ResourceConfig = option(ResourceConfig(), "resources")
+    s3_endpoint: str | None = _s3_endpoint()
+    ids: tuple[str, ...] | None = option(None, cli=False)  # only these ids (evaluate's split)
 
     def __post_init__(self) -> None:
+        if self.input == SAMPLE_IMAGES and self.masks is None:
+            object.__setattr__(self, "masks", SAMPLE_MASKS)
         _check(
             self.precision in (AUTO, *PRECISIONS),
             f"--precision must be one of {AUTO}, {', '.join(PRECISIONS)}, got {self.precision!r}",
@@ -187,7 +287,31 @@ class SegmentConfig:
         return asdict(self)
 
 
-DEFAULT_CLEAN_OUTPUT = "out/clean"
+@dataclass(frozen=True)
+class EvaluateConfig(SegmentConfig):
+    """Settings of ``lungseg evaluate``: segment's, and which ids of a split file to score."""
+
+    output: str = option(DEFAULT_EVALUATE_OUTPUT, "output root")
+    split: str | None = option(
+        None,
+        f"JSON file of id lists: evaluate only those of --subset (the bundled model's split: "
+        f"{BUNDLED_SPLIT})",
+    )
+    subset: str = option("val", "which list of the --split file")
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """Settings of ``lungseg export``: a ``.keras`` model as a SavedModel in ``output``."""
+
+    output: str = option(help="folder of the SavedModel (path or s3://)", required=True)
+    model: str = option(BUNDLED_MODEL, ".keras model to export (default: the bundled one)")
+    overwrite: bool = option(
+        False, "replace the earlier export in OUTPUT: the files its ledger lists are removed first"
+    )
+    s3_endpoint: str | None = _s3_endpoint()
+
+
 INVERT_RULES = ("border", "never", "always")
 
 
@@ -202,15 +326,19 @@ class CleanParams:
     ``always``.
     """
 
-    size: int = 256
-    blur_kernel: int = 5
-    blur_sigma: float = 0.0
-    clahe: bool = False
-    clahe_clip: float = 2.0
-    clahe_tile: int = 8
-    open_kernel: int = 5
-    close_kernel: int = 5
-    invert: str = "border"
+    size: int = option(256, "output side in pixels")
+    blur_kernel: int = option(5, "odd Gaussian kernel side (1: off)")
+    blur_sigma: float = option(0.0, "Gaussian sigma (0: from the kernel)")
+    clahe: bool = option(False, "equalise contrast with CLAHE first")
+    clahe_clip: float = option(CONTRAST_CLIP, "CLAHE clip limit")
+    clahe_tile: int = option(CONTRAST_TILES, "CLAHE tiles per side")
+    open_kernel: int = option(5, "opening ellipse side (0: off)")
+    close_kernel: int = option(5, "closing ellipse side (0: off)")
+    invert: str = option(
+        "border",
+        "invert the Otsu mask: 'border' when most of its 1-pixel border ring is foreground",
+        choices=INVERT_RULES,
+    )
 
     def __post_init__(self) -> None:
         _check(self.size >= 8, f"--size must be at least 8, got {self.size}")
@@ -235,14 +363,22 @@ class CleanParams:
 
 @dataclass(frozen=True)
 class CleanConfig:
-    input: str = f"{SAMPLE}/images"
-    output: str = DEFAULT_CLEAN_OUTPUT
-    params: CleanParams = CleanParams()
-    sheet: int = 8
-    batch_size: int = PREPROCESS_BATCH  # most images per actor call
-    resources: ResourceConfig = ResourceConfig()
-    s3_endpoint: str | None = None
-    overwrite: bool = False  # replace the outputs of an earlier run in ``output``
+    """Settings of ``lungseg clean``."""
+
+    input: str = option(
+        SAMPLE_IMAGES,
+        "X-rays to clean, a folder or s3:// prefix; mask files in it are skipped (default: the "
+        "packaged sample)",
+    )
+    output: str = option(DEFAULT_CLEAN_OUTPUT, "output root")
+    overwrite: bool = option(
+        False, "replace the earlier run in OUTPUT: the files its ledger lists are removed first"
+    )
+    sheet: int = option(8, "images on the contact sheet, first by id")
+    batch_size: int = option(PREPROCESS_BATCH, "most images per actor call")
+    params: CleanParams = option(CleanParams(), "cleaning steps")
+    resources: ResourceConfig = option(ResourceConfig(), "resources", without=("use_gpu",))
+    s3_endpoint: str | None = _s3_endpoint()
 
     def __post_init__(self) -> None:
         _check(self.sheet >= 0, f"--sheet must be >= 0, got {self.sheet}")
@@ -261,18 +397,17 @@ class ReportConfig:
     ``review`` the most on the sheet of images sent to review (lowest QC score first).
     """
 
-    output: str = DEFAULT_SEGMENT_OUTPUT
-    run: str | None = None
-    sheet: int = 8
-    review: int = 48
-    s3_endpoint: str | None = None
+    output: str = option(DEFAULT_SEGMENT_OUTPUT, "a segment job's output root", positional=True)
+    run: str | None = option(None, "training run folder: adds its curves")
+    sheet: int = option(8, "images on each of the worst and best sheets")
+    review: int = option(48, "most images on the sheet of those sent to review, lowest first")
+    s3_endpoint: str | None = _s3_endpoint()
 
     def __post_init__(self) -> None:
         _check(self.sheet >= 0, f"--sheet must be >= 0, got {self.sheet}")
         _check(self.review >= 0, f"--review must be >= 0, got {self.review}")
 
 
-DEFAULT_BENCHMARK_OUTPUT = "out/benchmark"
 BENCHMARK_STAGES = ("hospital", "inference", "preprocessing", "memory", "training")
 
 
@@ -287,20 +422,24 @@ class BenchmarkConfig:
     training row; ``rounds`` how often each side runs (its best counts).
     """
 
-    input: str = SAMPLE
-    output: str = DEFAULT_BENCHMARK_OUTPUT
-    model: str = BUNDLED_MODEL
-    films: int = 400
-    film_size: int = 2048
-    images: int = 1000
-    preprocess_images: int = 10000
-    memory_images: tuple[int, int] = (1000, 10000)
-    train_images: int = 128
-    train_model: ModelConfig = ModelConfig()
-    batch_size: int = 8
-    rounds: int = 2
-    stages: tuple[str, ...] = BENCHMARK_STAGES
-    use_gpu: bool = False
+    input: str = option(SAMPLE, "local root of X-rays to copy")
+    output: str = option(DEFAULT_BENCHMARK_OUTPUT, "folder of benchmark.json")
+    model: str = option(BUNDLED_MODEL, ".keras model of the inference rows")
+    films: int = option(400, "hospital films")
+    film_size: int = option(2048, "pixels a side of the hospital films")
+    images: int = option(1000, "512 px films of the inference row")
+    preprocess_images: int = option(10000, "images of the preprocessing row")
+    memory_images: tuple[int, int] = option(
+        (1000, 10000), "the small and the large set of the memory row", parse=_counts
+    )
+    train_images: int = option(128, "images of the training epoch")
+    train_model: ModelConfig = option(ModelConfig(), "U-Net of the training row", cli=False)
+    batch_size: int = option(8, "images per step")
+    rounds: int = option(2, "runs of each side (the best counts)")
+    stages: tuple[str, ...] = option(
+        BENCHMARK_STAGES, "comma-separated rows to measure", parse=_parts
+    )
+    use_gpu: bool = option(False, "segment on a GPU (inference rows)", flag="--gpu")
 
     def __post_init__(self) -> None:
         unknown = sorted(set(self.stages) - set(BENCHMARK_STAGES))

@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 
 from lungseg import pipeline
 from lungseg.catalog import read_split
-from lungseg.config import SegmentConfig
+from lungseg.config import EvaluateConfig
 from lungseg.errors import UserError
 from lungseg.layout import ERROR, REVIEW, SUMMARY_FILE
 from lungseg.metrics import spearman
@@ -89,22 +89,23 @@ def summarise(rows: list[dict], model: str) -> dict:
 
 
 def run_evaluation(
-    config: SegmentConfig,
-    split: str | None = None,
-    subset: str = "val",
+    config: EvaluateConfig,
     progress: Progress | None = None,
     start_ray: Callable[[], None] = pipeline.attach,
 ) -> dict:
-    """Segment the labelled images (only ``subset`` of the ``split`` file, when given) and write
-    ``summary.json`` beside the per-image Parquet; returns the summary. The same steps as
-    :func:`lungseg.segment.run_segmentation`, the summary written into the same claim."""
+    """Segment the labelled images (only ``config.subset`` of the ``config.split`` file, when
+    given) and write ``summary.json`` beside the per-image Parquet; returns the summary. The
+    same steps as :func:`lungseg.segment.run_segmentation`: plan, Ray, claim, segment, then the
+    summary into the same claim."""
     store = Store.for_job(config.s3_endpoint)
-    if split is not None:
-        subsets = read_split(split, store)
-        if subset not in subsets:
-            raise UserError(f"{split} has no subset {subset!r}: it has {', '.join(subsets)}")
-        config = replace(config, ids=tuple(subsets[subset]))
-    plan = plan_segmentation(config, {"--split": split})
+    if config.split is not None:
+        subsets = read_split(config.split, store)
+        if config.subset not in subsets:
+            raise UserError(
+                f"{config.split} has no subset {config.subset!r}: it has {', '.join(subsets)}"
+            )
+        config = replace(config, ids=tuple(subsets[config.subset]))
+    plan = plan_segmentation(config, {"--split": config.split})
     start_ray()
     pools = plan.pools()
     with plan.claimed("evaluate") as claim:

@@ -6,23 +6,23 @@ import os
 import tempfile
 
 from lungseg import modelfile, outputs
+from lungseg.config import ExportConfig
 from lungseg.layout import EXPORT
 from lungseg.model import load_model
 from lungseg.storage import Store
 
 
-def export_saved_model(
-    model: str, output: str, s3_endpoint: str | None = None, overwrite: bool = False
-) -> str:
-    """Write a SavedModel of ``model`` to the folder ``output`` (local or S3).
+def export_saved_model(config: ExportConfig) -> str:
+    """Write a SavedModel of ``config.model`` to the folder ``config.output`` (local or S3).
 
     Its ``serve`` signature takes float32 ``(batch, size, size, 1)`` X-rays with values in
     [0, 255] and returns lung probabilities of the same shape. The folder is claimed like every
     job's output (:func:`lungseg.outputs.claimed`): a folder holding another export is replaced
     only with ``overwrite``, one holding files that lungseg did not make never, and every file
-    written goes into its ledger.
+    written goes into its ledger. Returns the folder.
     """
-    store = Store.for_job(s3_endpoint)
+    model, output, overwrite = config.model, config.output, config.overwrite
+    store = Store.for_job(config.s3_endpoint)
     outputs.check_apart(store, output, {"--model": model})
     data = store.read_bytes(model)
     settings = {"model": model, "model_sha256": modelfile.describe(data, model).sha256}

@@ -458,7 +458,12 @@ def probability_bytes(probability: np.ndarray) -> np.ndarray:
     return np.rint(np.asarray(probability) * 255).astype(np.uint8)
 
 
-def postprocess(probability: np.ndarray, threshold: float = 0.5, keep: int = 2) -> np.ndarray:
+def equalise(image: np.ndarray, clip: float, tiles: int) -> np.ndarray:
+    """Contrast-limited adaptive histogram equalisation (CLAHE) of a ``uint8`` image."""
+    return cv2.createCLAHE(clipLimit=clip, tileGridSize=(tiles, tiles)).apply(image)
+
+
+def postprocess(probability: np.ndarray, threshold: float, keep: int = 2) -> np.ndarray:
     """Probability map to a clean 0/1 lung mask: threshold, keep the two lungs, fill holes."""
     mask = (probability >= threshold).astype(np.uint8)
     return fill_holes(keep_largest(mask, keep))

@@ -10,7 +10,7 @@ import keras
 import numpy as np
 from keras import layers, ops
 
-from lungseg.config import PRECISIONS
+from lungseg.config import PRECISIONS, THRESHOLD, ModelConfig
 from lungseg.errors import UserError
 
 
@@ -23,7 +23,10 @@ def _conv_block(x, filters: int, name: str):
 
 
 def build_unet(
-    size: int = 256, base_filters: int = 16, depth: int = 4, dropout: float = 0.1
+    size: int = ModelConfig.size,
+    base_filters: int = ModelConfig.base_filters,
+    depth: int = ModelConfig.depth,
+    dropout: float = 0.1,
 ) -> keras.Model:
     """A U-Net for one-channel ``size`` x ``size`` X-rays with pixel values in [0, 255].
 
@@ -81,19 +84,19 @@ def bce_dice_loss(truth, probability, smooth: float = 1.0):
     return bce + 1.0 - (2.0 * intersection + smooth) / (total + smooth)
 
 
-def dice_per_image(truth, probability, threshold: float = 0.5):
+def dice_per_image(truth, probability, threshold: float = THRESHOLD):
     """Per-image Dice at ``threshold``, shape ``(batch,)``; 1 where both masks are empty."""
     tp, fp, fn = ops.unstack(overlap_counts(truth, probability, threshold), axis=1)
     return ops.where(2 * tp + fp + fn > 0, 2 * tp / ops.maximum(2 * tp + fp + fn, 1), 1.0)
 
 
-def iou_per_image(truth, probability, threshold: float = 0.5):
+def iou_per_image(truth, probability, threshold: float = THRESHOLD):
     """Per-image IoU at ``threshold``, shape ``(batch,)``; 1 where both masks are empty."""
     tp, fp, fn = ops.unstack(overlap_counts(truth, probability, threshold), axis=1)
     return ops.where(tp + fp + fn > 0, tp / ops.maximum(tp + fp + fn, 1), 1.0)
 
 
-def overlap_counts(truth, probability, threshold: float = 0.5):
+def overlap_counts(truth, probability, threshold: float = THRESHOLD):
     """Per-image true positive, false positive and false negative pixel counts, ``(batch, 3)``."""
     pred = ops.cast(probability >= threshold, "float32")
     true = ops.cast(truth > 0, "float32")

@@ -14,7 +14,7 @@ from ray.data import ExecutionResources
 
 from lungseg import storage
 from lungseg.catalog import Case
-from lungseg.config import AUTO, PREPROCESS_BATCH
+from lungseg.config import AUTO, PREPROCESS_BATCH, ResourceConfig
 from lungseg.errors import UserError
 from lungseg.preprocess import Preprocess, case_records
 from lungseg.storage import Store
@@ -92,33 +92,46 @@ def attach() -> None:
         ray.init()
 
 
-def check_fits(pools: dict[str, Pool], cpus: float, node_cpus: float) -> None:
+def check_fits(pools: dict[str, Pool], on: Cluster) -> None:
     """Refuse actor pools that could never start, before any is asked for: an actor that needs
     more CPUs than the largest node has, or pools whose smallest sizes need more CPUs than the
     cluster has (Ray would wait for them for ever, saying nothing). ``pools`` are named by the
     options that size them."""
     for option, pool in pools.items():
-        if pool.cpus > node_cpus:
+        if pool.cpus > on.node:
             raise UserError(
                 f"{option} asks for {pool.cpus:g} CPUs per actor, more than the largest node of "
-                f"this Ray cluster has ({node_cpus:g})"
+                f"this Ray cluster has ({on.node:g})"
             )
     least = sum(pool.min_size * pool.cpus for pool in pools.values())
-    if least > cpus + 1e-9:
+    if least > on.cpus + 1e-9:
         parts = ", ".join(f"{p.min_size} x {p.cpus:g} ({o})" for o, p in pools.items())
         raise UserError(
             f"the actor pools need {least:g} CPUs at their smallest ({parts}), more than this "
-            f"Ray cluster has ({cpus:g}): ask for fewer actors or fewer CPUs each"
+            f"Ray cluster has ({on.cpus:g}): ask for fewer actors or fewer CPUs each"
         )
 
 
-def cluster_resources() -> tuple[float, int, float]:
-    """The CPUs and GPUs of the Ray cluster this process is attached to, and the CPUs of its
-    largest node (an actor cannot declare more than one node has)."""
+@dataclass(frozen=True)
+class Cluster:
+    """What a Ray cluster offers: its CPUs and GPUs, and the CPUs of its largest node (an actor
+    cannot declare more than one node has; default: ``cpus``, one node)."""
+
+    cpus: float
+    gpus: int = 0
+    node_cpus: float | None = None
+
+    @property
+    def node(self) -> float:
+        return self.node_cpus or self.cpus
+
+
+def cluster() -> Cluster:
+    """The Ray cluster this process is attached to."""
     resources = ray.cluster_resources()
     nodes = [node["Resources"].get("CPU", 0.0) for node in ray.nodes() if node["Alive"]]
     cpus = float(resources.get("CPU", 1.0))
-    return cpus, int(resources.get("GPU", 0)), float(max(nodes, default=cpus)) or cpus
+    return Cluster(cpus, int(resources.get("GPU", 0)), float(max(nodes, default=cpus)) or cpus)
 
 
 def resolve_precision(precision: str, use_gpu: bool, cpuinfo: str = "/proc/cpuinfo") -> str:
@@ -142,11 +155,9 @@ def resolve_precision(precision: str, use_gpu: bool, cpuinfo: str = "/proc/cpuin
     return "bfloat16" if {"avx512_bf16", "amx_bf16"} & set(flags) else "float32"
 
 
-def train_worker_cpus(
-    cpus: float, workers: int, given: float | None = None, node_cpus: float | None = None
-) -> float:
+def train_worker_cpus(on: Cluster, workers: int, given: float | None = None) -> float:
     """CPUs per Ray Train worker: ``given``, else half the cluster's shared among the workers,
-    and at most half the largest node's (``node_cpus``; default ``cpus``, one node).
+    and at most half the largest node's.
 
     Ray schedules by declared CPUs: while the workers train, Ray Data streams their shards
     through tasks of its own, and with every CPU given to workers those tasks never run and the
@@ -154,61 +165,49 @@ def train_worker_cpus(
     """
     if given is not None:
         return given
-    return max(0.1, round(min(cpus / max(workers, 1), node_cpus or cpus) / 2, 2))
+    return max(0.1, round(min(on.cpus / max(workers, 1), on.node) / 2, 2))
 
 
 def preprocess_pool(
-    cpus: float,
-    reserved: float = 0.0,
-    actors: int | None = None,
-    actor_cpus: float | None = None,
-    node_cpus: float | None = None,
+    on: Cluster, resources: ResourceConfig = ResourceConfig(), reserved: float = 0.0
 ) -> Pool:
-    """The pool of preprocessing actors on ``cpus``, less the ``reserved`` CPUs of other actors.
+    """The pool of preprocessing actors on the cluster, less the ``reserved`` CPUs of other
+    actors.
 
-    Each actor declares :data:`SMALL_ACTOR` CPUs on nodes of up to :data:`SMALL_NODE` CPUs
-    (``node_cpus``, the largest node's; default ``cpus``, one node), else 1 (or ``actor_cpus``).
-    Beside other actors (``reserved``) the pool starts with one actor, leaving them the CPUs
-    they start on, and grows to what the spare CPUs hold while its input queues up; alone it
-    starts at that size (10,000 films: 397 images/s grown from one actor). ``actors`` fixes its
-    size.
+    Each actor declares :data:`SMALL_ACTOR` CPUs on nodes of up to :data:`SMALL_NODE` CPUs,
+    else 1 (or ``resources.actor_cpus``). Beside other actors (``reserved``) the pool starts
+    with one actor, leaving them the CPUs they start on, and grows to what the spare CPUs hold
+    while its input queues up; alone it starts at that size (10,000 images: 397 images/s grown
+    from one actor). ``resources.preprocess_actors`` fixes its size.
     """
-    each = actor_cpus or (SMALL_ACTOR if (node_cpus or cpus) <= SMALL_NODE else 1.0)
-    most = actors or max(1, int(max(cpus - reserved, each) / each + 1e-9))
+    actors = resources.preprocess_actors
+    each = resources.actor_cpus or (SMALL_ACTOR if on.node <= SMALL_NODE else 1.0)
+    most = actors or max(1, int(max(on.cpus - reserved, each) / each + 1e-9))
     return Pool(actors or 1, most, cpus=each, initial=most if actors or not reserved else 1)
 
 
 def segment_pools(
-    cpus: float,
-    gpus: int,
-    use_gpu: bool,
-    model_actors: int | None = None,
-    preprocess_actors: int | None = None,
-    actor_cpus: float | None = None,
-    node_cpus: float | None = None,
+    on: Cluster, resources: ResourceConfig = ResourceConfig(), model_actors: int | None = None
 ) -> tuple[Pool, Pool]:
-    """The preprocessing and model actor pools of a segment job on ``cpus`` and ``gpus``.
+    """The preprocessing and model actor pools of a segment job on the cluster.
 
-    With ``use_gpu``: a model actor per GPU (1 CPU each: writing the masks is left to CPU
-    tasks), every other CPU to preprocessing. On CPUs: a model actor per
-    :data:`CORES_PER_MODEL_ACTOR` cores, or per node where nodes are smaller (``node_cpus``,
-    the largest node's; default ``cpus``, one node), sharing :data:`MODEL_SHARE` of them
-    (writing its masks too) and never declaring more than that share of a node, since an actor
-    that fits on no node never starts; the rest to preprocessing (:func:`preprocess_pool`).
-    ``model_actors`` fixes the model pool's size.
+    With ``resources.use_gpu``: a model actor per GPU (1 CPU each: writing the masks is left to
+    CPU tasks), every other CPU to preprocessing. On CPUs: a model actor per
+    :data:`CORES_PER_MODEL_ACTOR` cores, or per node where nodes are smaller, sharing
+    :data:`MODEL_SHARE` of them (writing its masks too) and never declaring more than that share
+    of a node, since an actor that fits on no node never starts; the rest to preprocessing
+    (:func:`preprocess_pool`). ``model_actors`` fixes the model pool's size.
     """
-    node = node_cpus or cpus
-    if use_gpu:
-        if gpus < 1:
+    if resources.use_gpu:
+        if on.gpus < 1:
             raise UserError("--gpu asks for GPUs, but this Ray cluster has none")
-        count = model_actors or gpus
+        count = model_actors or on.gpus
         model = Pool(count, count, cpus=1.0, gpus=1, threads=2, calls=MODEL_CALLS)
     else:
-        count = model_actors or max(1, round(cpus / min(CORES_PER_MODEL_ACTOR, node)))
-        share = round(min(cpus / count, node) * MODEL_SHARE, 2)
+        count = model_actors or max(1, round(on.cpus / min(CORES_PER_MODEL_ACTOR, on.node)))
+        share = round(min(on.cpus / count, on.node) * MODEL_SHARE, 2)
         model = Pool(count, count, share, threads=max(1, math.ceil(share)), calls=MODEL_CALLS)
-    reserved = model.size_cpus()
-    return preprocess_pool(cpus, reserved, preprocess_actors, actor_cpus, node_cpus), model
+    return preprocess_pool(on, resources, model.size_cpus()), model
 
 
 def task_batch(images: int, actors: int, most: int = PREPROCESS_BATCH) -> int:

@@ -24,6 +24,7 @@ import cv2
 import numpy as np
 
 from lungseg import imaging
+from lungseg.config import CONTRAST_CLIP, CONTRAST_TILES
 from lungseg.metrics import confusion
 
 LUNG_FRACTION = (0.04, 0.60)
@@ -63,7 +64,6 @@ REVIEW_SHARE = 0.135
 """The share of a model's own training films whose risk is above its cut (:class:`Calibration`):
 chosen, with :data:`DISAGREEMENT_WEIGHT`, on the bundled model's validation split, to send at
 most 15% of it to review (19 of 132; the model card has the figures)."""
-CONTRAST_CLIP, CONTRAST_TILES = 2.0, 8
 
 
 @dataclass(frozen=True)
@@ -108,7 +108,7 @@ class Quality:
 def second_view(image: np.ndarray) -> np.ndarray:
     """The model's input (uint8) with its local contrast equalised (CLAHE, clip 2, 8 x 8 tiles):
     the film as :func:`assess` has the model see it a second time."""
-    return cv2.createCLAHE(CONTRAST_CLIP, (CONTRAST_TILES, CONTRAST_TILES)).apply(image)
+    return imaging.equalise(image, CONTRAST_CLIP, CONTRAST_TILES)
 
 
 def signals(

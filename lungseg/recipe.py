@@ -22,7 +22,7 @@ from dataclasses import asdict
 import numpy as np
 
 from lungseg import __version__, draw, imaging, modelfile, qc
-from lungseg.config import RecipeConfig, SegmentConfig
+from lungseg.config import THRESHOLD, RecipeConfig, SegmentConfig
 from lungseg.layout import CURVES_FILE, METRICS_FILE, MODEL_FILE, PROVENANCE_FILE
 from lungseg.metrics import Confusion, confusion
 
@@ -30,8 +30,6 @@ COLUMNS = (
     "epoch", "learning_rate", "loss", "dice", "iou", "val_loss", "val_dice", "val_iou", "seconds"
 )  # fmt: skip
 """One row of a run's history, as ``metrics.csv`` holds it (see :func:`score_validation`)."""
-THRESHOLD = SegmentConfig.threshold
-"""The probability cut of validation masks: segment's default."""
 CALIBRATION_FILMS = 512
 """The most training films on which a trainer measures its model's calibration."""
 

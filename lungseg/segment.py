@@ -387,21 +387,12 @@ class SegmentPlan:
     def pools(self) -> tuple[pipeline.Pool, pipeline.Pool]:
         """The preprocessing and model actor pools on the Ray cluster this process is attached
         to (:func:`lungseg.pipeline.segment_pools`), refused where they could never start."""
-        res = self.config.resources
-        cpus, gpus, node_cpus = pipeline.cluster_resources()
+        on = pipeline.cluster()
         preprocess, models = pipeline.segment_pools(
-            cpus,
-            gpus,
-            res.use_gpu,
-            self.config.segment_actors,
-            res.preprocess_actors,
-            res.actor_cpus,
-            node_cpus,
+            on, self.config.resources, self.config.segment_actors
         )
         pipeline.check_fits(
-            {"--preprocess-actors/--actor-cpus": preprocess, "--segment-actors": models},
-            cpus,
-            node_cpus,
+            {"--preprocess-actors/--actor-cpus": preprocess, "--segment-actors": models}, on
         )
         return preprocess, models
 

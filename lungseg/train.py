@@ -251,13 +251,12 @@ def run_training(
 def _pools(config: TrainConfig) -> tuple[pipeline.Pool, float]:
     """The preprocessing pool (it reads the data before the workers start, so it may have every
     CPU) and the CPUs of each train worker, refused where they could never start."""
-    res = config.resources
-    cpus, _, node_cpus = pipeline.cluster_resources()
-    pool = pipeline.preprocess_pool(cpus, 0, res.preprocess_actors, res.actor_cpus, node_cpus)
-    worker_cpus = pipeline.train_worker_cpus(cpus, config.workers, config.worker_cpus, node_cpus)
+    on = pipeline.cluster()
+    pool = pipeline.preprocess_pool(on, config.resources)
+    worker_cpus = pipeline.train_worker_cpus(on, config.workers, config.worker_cpus)
     workers = pipeline.Pool(config.workers, config.workers, worker_cpus)
-    pipeline.check_fits({"--preprocess-actors/--actor-cpus": pool}, cpus, node_cpus)
-    pipeline.check_fits({"--workers/--worker-cpus": workers}, cpus, node_cpus)
+    pipeline.check_fits({"--preprocess-actors/--actor-cpus": pool}, on)
+    pipeline.check_fits({"--workers/--worker-cpus": workers}, on)
     return pool, worker_cpus
 
 

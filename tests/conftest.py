@@ -38,12 +38,13 @@ def model_path(tmp_path_factory) -> str:
     return str(path)
 
 
-def labelled_config(root: Path | str, output: Path | str, **options) -> SegmentConfig:
-    """A segment job over ``root/images`` scored against ``root/masks``, writing to ``output``
-    (a path or URI); ``options`` set the rest (``model``, ``batch_size``, ...)."""
-    return SegmentConfig(
-        input=f"{root}/images", masks=f"{root}/masks", output=str(output), **options
-    )
+def labelled_config(
+    root: Path | str, output: Path | str, job: type[SegmentConfig] = SegmentConfig, **options
+) -> SegmentConfig:
+    """A segment (or ``job=EvaluateConfig``) job over ``root/images`` scored against
+    ``root/masks``, writing to ``output`` (a path or URI); ``options`` set the rest (``model``,
+    ``batch_size``, ...)."""
+    return job(input=f"{root}/images", masks=f"{root}/masks", output=str(output), **options)
 
 
 def copy_sample(root: Path, ids: list[str], masks: bool = True) -> Path:

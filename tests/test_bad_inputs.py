@@ -19,7 +19,7 @@ import pytest
 from lungseg import catalog, imaging, layout
 from lungseg.catalog import CatalogError, output_name
 from lungseg.clean import run_cleaning
-from lungseg.config import CleanConfig, ModelConfig, RecipeConfig, TrainConfig
+from lungseg.config import CleanConfig, EvaluateConfig, ModelConfig, RecipeConfig, TrainConfig
 from lungseg.errors import UserError
 from lungseg.evaluate import run_evaluation
 from lungseg.runfolder import DATA_SCHEMA
@@ -156,7 +156,9 @@ def test_non_utf8_file_name_is_named_not_a_crash(tmp_path):
 @pytest.mark.timeout(300)
 def test_evaluate_gives_every_bad_input_one_specific_row(bad_root, model_path, tmp_path):
     out = tmp_path / "out"
-    config = labelled_config(bad_root, out, model=model_path, batch_size=4, overlays=True)
+    config = labelled_config(
+        bad_root, out, EvaluateConfig, model=model_path, batch_size=4, overlays=True
+    )
     summary = run_evaluation(config)
     rows = pq.read_table(out / layout.SEGMENT_TABLE).to_pylist()
     expected = _expected(bad_root)

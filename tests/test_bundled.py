@@ -18,6 +18,8 @@ from lungseg.config import (
     BUNDLED_PROVENANCE,
     BUNDLED_SPLIT,
     SAMPLE,
+    EvaluateConfig,
+    ExportConfig,
     RecipeConfig,
     SegmentConfig,
 )
@@ -60,7 +62,7 @@ def test_the_provenance_beside_the_bundled_weights_is_theirs():
 @pytest.mark.timeout(300)
 def test_bundled_model_segments_the_sample_and_summary_matches_parquet(tmp_path):
     output = tmp_path / "eval"
-    config = labelled_config(SAMPLE, output)
+    config = labelled_config(SAMPLE, output, EvaluateConfig)
     assert config.model == BUNDLED_MODEL
     summary = run_evaluation(config)
 
@@ -115,7 +117,7 @@ def test_bundled_model_segments_the_sample_and_summary_matches_parquet(tmp_path)
 def test_bfloat16_segments_the_sample_like_float32(tmp_path):
     # bfloat16 keeps 8 bits of mantissa: probabilities move in the second or third decimal, so
     # a few boundary pixels flip; the scores must stay those of the model.
-    config = labelled_config(SAMPLE, tmp_path / "bf16", precision="bfloat16")
+    config = labelled_config(SAMPLE, tmp_path / "bf16", EvaluateConfig, precision="bfloat16")
     summary = run_evaluation(config)
     assert summary["overall"]["scored"] == 16 and summary["failed"] == []
     assert summary["overall"]["dice"]["mean"] >= MEAN_DICE_FLOOR, summary["overall"]
@@ -132,8 +134,8 @@ def test_unknown_precision_is_refused():
 def test_evaluate_only_the_split_subset(tmp_path):
     split = tmp_path / "split.json"
     split.write_text(json.dumps({"train": SAMPLE_IDS[2:], "val": SAMPLE_IDS[:2]}))
-    config = labelled_config(SAMPLE, tmp_path / "eval")
-    summary = run_evaluation(config, str(split), "val")
+    config = labelled_config(SAMPLE, tmp_path / "eval", EvaluateConfig, split=str(split))
+    summary = run_evaluation(config)
     rows = pq.read_table(tmp_path / "eval" / "segmentation.parquet").to_pylist()
     assert sorted(r["id"] for r in rows) == SAMPLE_IDS[:2]
     assert summary["overall"]["images"] == 2
@@ -146,7 +148,7 @@ def test_savedmodel_export_serves_like_the_keras_model(tmp_path):
     from lungseg.export import export_saved_model
     from lungseg.model import load_model
 
-    export_saved_model(BUNDLED_MODEL, str(tmp_path / "saved"))
+    export_saved_model(ExportConfig(output=str(tmp_path / "saved")))
     served = tf.saved_model.load(str(tmp_path / "saved"))
     batch = np.random.default_rng(0).integers(0, 256, (2, 256, 256, 1)).astype("float32")
     expected = load_model(Path(BUNDLED_MODEL).read_bytes())(batch, training=False)

@@ -16,7 +16,11 @@ from lungseg.cli import EXIT_IMAGES_FAILED, EXIT_USAGE, _config, build_parser, m
 from lungseg.config import (
     BenchmarkConfig,
     CleanConfig,
+    EvaluateConfig,
+    ExportConfig,
+    ModelConfig,
     ReportConfig,
+    ResourceConfig,
     SegmentConfig,
     TrainConfig,
 )
@@ -48,15 +52,48 @@ def test_job_help_is_the_cli_help(job):
 @pytest.mark.parametrize(
     ("job", "default"),
     [
-        ("train", TrainConfig()),
-        ("segment", SegmentConfig(masks=SegmentConfig().input.replace("images", "masks"))),
-        ("clean", CleanConfig()),
-        ("report", ReportConfig()),
-        ("benchmark", BenchmarkConfig()),
+        (["train"], TrainConfig()),
+        (["segment"], SegmentConfig()),
+        (["evaluate"], EvaluateConfig()),
+        (["export", "--output", "x"], ExportConfig(output="x")),
+        (["clean"], CleanConfig()),
+        (["report"], ReportConfig()),
+        (["benchmark"], BenchmarkConfig()),
     ],
 )
 def test_cli_defaults_are_the_config_dataclasses_defaults(job, default):
-    assert _config(build_parser().parse_args([job])) == default
+    assert _config(build_parser().parse_args(job)) == default
+
+
+def test_every_config_field_is_an_option_and_reaches_the_config():
+    """The CLI is built from the configs: a value given for each option comes back in its
+    field, nested ones too."""
+    config = _config(
+        build_parser().parse_args(
+            ["train", "--no-augment", "--size", "128", "--depth", "3", "--gpu", "--epochs", "3",
+             "--actor-cpus", "0.5", "--split", "s.json", "--single-process"]
+        )
+    )  # fmt: skip
+    assert not config.recipe.augment and config.recipe.epochs == 3 and config.single_process
+    assert config.recipe.model == ModelConfig(128, 16, 3) and config.split == "s.json"
+    assert config.resources == ResourceConfig(actor_cpus=0.5, use_gpu=True)
+    bench = _config(build_parser().parse_args(["benchmark", "--stages", "memory,training",
+                                               "--memory-images", "5,10"]))  # fmt: skip
+    assert (bench.stages, bench.memory_images) == (("memory", "training"), (5, 10))
+    assert _config(build_parser().parse_args(["report", "out/x", "--run", "r"])) == ReportConfig(
+        output="out/x", run="r"
+    )
+    evaluate = _config(build_parser().parse_args(["evaluate", "--split", "s", "--subset", "t"]))
+    assert (evaluate.split, evaluate.subset, evaluate.output) == ("s", "t", "out/evaluate")
+
+
+def test_help_says_each_default_once_and_no_default_for_a_flag():
+    text = _help(sys.executable, "-m", "lungseg", "train")
+    assert "(default: True)" not in text and "(default: False)" not in text
+    segment = _help(sys.executable, "-m", "lungseg", "segment")
+    options = segment[segment.index("options:") :]
+    model = options[options.index("--model MODEL") : options.index("--input INPUT")]
+    assert model.count("default") == 1
 
 
 def _run(*argv: str, timeout: int = 240) -> subprocess.CompletedProcess:

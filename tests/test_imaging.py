@@ -408,7 +408,7 @@ def test_postprocess_probability_map() -> None:
     expected = np.zeros((7, 12), np.uint8)
     expected[1:6, 1:5] = 1
     expected[1:6, 7:10] = 1
-    out = postprocess(prob)
+    out = postprocess(prob, 0.5)
     assert out.dtype == np.uint8
     np.testing.assert_array_equal(out, expected)
 
@@ -417,8 +417,8 @@ def test_postprocess_threshold_and_keep() -> None:
     prob = np.array([[0.6, 0.0, 0.9, 0.9]], np.float32)
     # threshold 0.7 drops the 0.6 pixel; keep=1 on {0.6}, {0.9, 0.9} keeps the pair
     assert postprocess(prob, threshold=0.7).tolist() == [[0, 0, 1, 1]]
-    assert postprocess(prob, keep=1).tolist() == [[0, 0, 1, 1]]
-    assert postprocess(prob).tolist() == [[1, 0, 1, 1]]
+    assert postprocess(prob, 0.5, keep=1).tolist() == [[0, 0, 1, 1]]
+    assert postprocess(prob, 0.5).tolist() == [[1, 0, 1, 1]]
 
 
 # --- encode_png / load_mask ---------------------------------------------------------------------

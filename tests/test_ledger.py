@@ -24,6 +24,7 @@ from lungseg import outputs, storage
 from lungseg.config import (
     BUNDLED_MODEL,
     ConfigError,
+    ExportConfig,
     ModelConfig,
     RecipeConfig,
     ResourceConfig,
@@ -386,12 +387,12 @@ def test_7_export_never_replaces_another_models_savedmodel_unasked(tmp_path):
     build_unet(64, 4, 2).save(first)
     build_unet(64, 2, 2).save(second)
     out = tmp_path / "served"
-    export_saved_model(str(first), str(out))
+    export_saved_model(ExportConfig(output=str(out), model=str(first)))
     exported = (out / "saved_model.pb").read_bytes()
     with pytest.raises(UserError, match="holds the outputs of an earlier run"):
-        export_saved_model(str(second), str(out))
+        export_saved_model(ExportConfig(output=str(out), model=str(second)))
     assert (out / "saved_model.pb").read_bytes() == exported
-    export_saved_model(str(second), str(out), overwrite=True)
+    export_saved_model(ExportConfig(output=str(out), model=str(second), overwrite=True))
     assert (out / "saved_model.pb").read_bytes() != exported
     manifest = json.loads((out / MANIFEST_FILE).read_text())
     assert manifest["settings"]["model_sha256"] == describe(second.read_bytes()).sha256
@@ -400,9 +401,9 @@ def test_7_export_never_replaces_another_models_savedmodel_unasked(tmp_path):
     theirs.mkdir()
     (theirs / "saved_model.pb").write_bytes(b"someone's model")
     with pytest.raises(UserError, match="holds files that lungseg did not make"):
-        export_saved_model(str(first), str(theirs), overwrite=True)
+        export_saved_model(ExportConfig(output=str(theirs), model=str(first), overwrite=True))
     with pytest.raises(UserError, match="overlaps --model"):
-        export_saved_model(str(first), str(tmp_path))
+        export_saved_model(ExportConfig(output=str(tmp_path), model=str(first)))
 
 
 # 8. --------------------------------------------------------------- a PACS export's names

@@ -8,11 +8,12 @@ import numpy as np
 import pytest
 
 from lungseg import catalog, pipeline
+from lungseg.config import ResourceConfig
 from lungseg.errors import UserError
 from lungseg.layout import ERROR, OK
 from tests.conftest import SAMPLE_IDS, copy_sample
 
-Pool = pipeline.Pool
+Pool, Cluster = pipeline.Pool, pipeline.Cluster
 
 
 @pytest.mark.parametrize(
@@ -30,44 +31,46 @@ Pool = pipeline.Pool
     ],
 )
 def test_pools_fit_the_node(cpus, gpus, use_gpu, preprocess, model):
-    pools = pipeline.segment_pools(cpus, gpus, use_gpu)
+    pools = pipeline.segment_pools(Cluster(cpus, gpus), ResourceConfig(use_gpu=use_gpu))
     assert pools == (preprocess, model)
     assert pools[0].size_cpus() + pools[1].size_cpus() <= cpus + 1e-9  # never more than there is
 
 
 def test_no_actor_declares_more_than_a_node_has():
     # Two 3-CPU nodes (tests/test_cluster.py): a 3.6-CPU model actor would never start.
-    preprocess, model = pipeline.segment_pools(6, 0, False, node_cpus=3)
+    preprocess, model = pipeline.segment_pools(Cluster(6, node_cpus=3))
     assert model == Pool(2, 2, 1.8, threads=2, calls=2)
     # An upper bound: the pool grows only by actors that start (two here, one beside each).
     assert preprocess == Pool(1, 3, 0.8, initial=1)
     # Four 16-core nodes: eight model actors of 4.8 CPUs, three to a node.
-    preprocess, model = pipeline.segment_pools(64, 0, False, node_cpus=16)
+    preprocess, model = pipeline.segment_pools(Cluster(64, node_cpus=16))
     assert (model.max_size, model.cpus, preprocess.cpus) == (8, 4.8, 1.0)
     # A fixed single actor on a cluster of small nodes still fits on one of them.
-    assert pipeline.segment_pools(6, 0, False, model_actors=1, node_cpus=3)[1].cpus == 1.8
+    assert pipeline.segment_pools(Cluster(6, node_cpus=3), model_actors=1)[1].cpus == 1.8
 
 
 def test_given_sizes_are_fixed_and_a_missing_gpu_is_named():
-    preprocess, model = pipeline.segment_pools(16, 0, False, model_actors=1, preprocess_actors=3)
+    fixed = ResourceConfig(preprocess_actors=3)
+    preprocess, model = pipeline.segment_pools(Cluster(16), fixed, model_actors=1)
     assert (preprocess.min_size, preprocess.max_size, model.max_size) == (3, 3, 1)
     assert model.cpus == 9.6 and model.threads == 10
     with pytest.raises(UserError, match="--gpu asks for GPUs, but this Ray cluster has none"):
-        pipeline.segment_pools(8, 0, True)
+        pipeline.segment_pools(Cluster(8), ResourceConfig(use_gpu=True))
 
 
 def test_a_preprocessing_pool_alone_starts_at_full_size():
-    assert pipeline.preprocess_pool(2) == Pool(1, 2, 0.8, initial=2)
-    assert pipeline.preprocess_pool(16) == Pool(1, 16, 1.0, initial=16)
-    assert pipeline.preprocess_pool(16, actors=3) == Pool(3, 3, 1.0, initial=3)
+    assert pipeline.preprocess_pool(Cluster(2)) == Pool(1, 2, 0.8, initial=2)
+    assert pipeline.preprocess_pool(Cluster(16)) == Pool(1, 16, 1.0, initial=16)
+    three = ResourceConfig(preprocess_actors=3)
+    assert pipeline.preprocess_pool(Cluster(16), three) == Pool(3, 3, 1.0, initial=3)
 
 
 def test_training_workers_leave_half_the_cpus_to_ray_data():
-    assert pipeline.train_worker_cpus(2, 2) == 0.5
-    assert pipeline.train_worker_cpus(16, 4) == 2.0
-    assert pipeline.train_worker_cpus(16, 4, given=3.0) == 3.0
+    assert pipeline.train_worker_cpus(Cluster(2), 2) == 0.5
+    assert pipeline.train_worker_cpus(Cluster(16), 4) == 2.0
+    assert pipeline.train_worker_cpus(Cluster(16), 4, given=3.0) == 3.0
     # Two 3-CPU nodes and one worker: at most half of one node, not half of both.
-    assert pipeline.train_worker_cpus(6, 1, node_cpus=3) == 1.5
+    assert pipeline.train_worker_cpus(Cluster(6, node_cpus=3), 1) == 1.5
 
 
 @pytest.mark.parametrize(

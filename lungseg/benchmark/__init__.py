@@ -121,7 +121,7 @@ def _film_rows(
 ) -> list[Row]:
     """The whole-process row of ``folder``'s films, and for the hospital films the in-process
     row too."""
-    cores = pipeline.cluster_resources()[0]
+    cores = pipeline.cluster().cpus
     count = len(list(folder.iterdir()))
     ceiling = costs.ceiling(cores)
     runs = alternate(config.rounds, _whole_process_sides(config, folder, work))
@@ -199,7 +199,7 @@ def _ray_preprocess(folder: Path, size: int) -> None:
     """The Ray Data preprocessing actor pool given the whole cluster (as clean and the training
     data stage have it), drained to its statuses alone (the images go on, not to the driver)."""
     cases = catalog.find_cases(str(folder)).cases
-    pool = pipeline.preprocess_pool(pipeline.cluster_resources()[0])
+    pool = pipeline.preprocess_pool(pipeline.cluster())
     data = pipeline.preprocessed(cases, size, pool).select_columns(["status"])
     ok = sum(int((b["status"] == OK).sum()) for b in data.iter_batches(batch_size=None))
     if ok != len(cases):
@@ -215,8 +215,8 @@ def _preprocessing_row(config: BenchmarkConfig, folder: Path, size: int) -> Row:
             "Ray Data": lambda: _ray_preprocess(folder, size),
         },
     )
-    cores = pipeline.cluster_resources()[0]
-    pool = pipeline.preprocess_pool(cores)
+    cores = pipeline.cluster().cpus
+    pool = pipeline.preprocess_pool(pipeline.Cluster(cores))
     per_image = runs[0].cpu_seconds / len(paths) * 1000
     return make_row(
         "preprocessing",
@@ -253,12 +253,12 @@ def _ray_epoch(config: BenchmarkConfig, images, masks, work: Path) -> float:
         augment=False,
         patience=0,
     )
-    cpus = pipeline.cluster_resources()[0]
+    on = pipeline.cluster()
     trainer = TensorflowTrainer(
         train.train_loop_per_worker,
         train_loop_config=train.loop_config(TrainConfig(workers=1, recipe=recipe)),
         scaling_config=ray.train.ScalingConfig(
-            num_workers=1, resources_per_worker={"CPU": pipeline.train_worker_cpus(cpus, 1)}
+            num_workers=1, resources_per_worker={"CPU": pipeline.train_worker_cpus(on, 1)}
         ),
         datasets={"train": data, "val": data.limit(0)},
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
@@ -288,7 +288,7 @@ def _training_row(config: BenchmarkConfig, work: Path) -> Row:
         f"{len(images)} images of {size}x{size} in memory, batch {config.batch_size}; the "
         f"second of 2 epochs, start-up and checkpointing excluded (whole runs: "
         f"{runs[0].seconds:.0f} vs {runs[1].seconds:.0f} s)",
-        pipeline.cluster_resources()[0],
+        pipeline.cluster().cpus,
     )
 
 
@@ -326,7 +326,7 @@ def _memory_row(config: BenchmarkConfig, sources: Sequence[str], work: Path) -> 
         "peak PSS summed over the driver and every process under it (GCS, raylet with the "
         f"object store, workers), sampled every {SAMPLE_SECONDS:g} s, segment pipeline "
         f"({runs[0].seconds:.0f} and {runs[1].seconds:.0f} s)",
-        pipeline.cluster_resources()[0],
+        pipeline.cluster().cpus,
     )
     return replace(row, profile=f"at the peak: {runs[1].memory_profile()}")
 
@@ -339,7 +339,7 @@ def _machine() -> dict:
     return {
         "cpu": cpu or platform.processor(),
         "cores": os.cpu_count(),
-        "ray_cpus": pipeline.cluster_resources()[0],
+        "ray_cpus": pipeline.cluster().cpus,
         "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
         "gpus": [d.name for d in tf.config.list_physical_devices("GPU")],
         "matmul_gflops": round(matmul_gflops(), 1),
