@@ -20,7 +20,7 @@ import typing
 from collections.abc import Callable, Sequence
 
 from lungseg import __version__, console
-from lungseg.config import (
+from lungseg.core.config import (
     BenchmarkConfig,
     CleanConfig,
     EvaluateConfig,
@@ -29,8 +29,8 @@ from lungseg.config import (
     SegmentConfig,
     TrainConfig,
 )
-from lungseg.errors import UserError
-from lungseg.storage import Store
+from lungseg.core.errors import UserError
+from lungseg.io.storage import Store
 
 EXIT_OK, EXIT_CRASHED, EXIT_USAGE, EXIT_IMAGES_FAILED = 0, 1, 2, 3
 
@@ -86,7 +86,7 @@ def _add_config(
     group=None,
 ) -> None:
     """Offer every field of the config dataclass ``cls`` as an option, from the field's
-    metadata (:func:`lungseg.config.option`); a nested config's fields go into a group of their
+    metadata (:func:`lungseg.core.config.option`); a nested config's fields go into a group of their
     own (its parent's, deeper down). ``dest`` is the field's dotted path, for :func:`_build`."""
     target = group or parser
     hints = typing.get_type_hints(cls)
@@ -215,11 +215,11 @@ def _say(text: str) -> None:
 def _train(config: TrainConfig, session: console.Session) -> int:
     started = time.monotonic()
     if config.single_process:
-        from lungseg.fit import run_fit
+        from lungseg.jobs.fit import run_fit
 
         result = run_fit(config, session.progress())
     else:
-        from lungseg.train import run_training
+        from lungseg.jobs.train import run_training
 
         result = run_training(config, session.progress(), start_ray=session.start_ray)
     best = result.history[result.best_epoch - 1]
@@ -237,7 +237,7 @@ def _train(config: TrainConfig, session: console.Session) -> int:
 
 
 def _evaluate(config: EvaluateConfig, session: console.Session) -> int:
-    from lungseg.evaluate import run_evaluation
+    from lungseg.jobs.evaluate import run_evaluation
 
     summary = run_evaluation(config, session.progress(), start_ray=session.start_ray)
     for name, stats in {"all": summary["overall"], **summary["datasets"]}.items():
@@ -266,7 +266,7 @@ def _evaluate(config: EvaluateConfig, session: console.Session) -> int:
 
 
 def _segment(config: SegmentConfig, session: console.Session) -> int:
-    from lungseg.segment import run_segmentation
+    from lungseg.jobs.segment import run_segmentation
 
     result = run_segmentation(config, session.progress(), start_ray=session.start_ray)
     dice = "n/a" if result.mean_dice is None else f"{result.mean_dice:.4f}"
@@ -282,7 +282,7 @@ def _segment(config: SegmentConfig, session: console.Session) -> int:
 
 
 def _clean(config: CleanConfig, session: console.Session) -> int:
-    from lungseg.clean import run_cleaning
+    from lungseg.jobs.clean import run_cleaning
 
     cleaned = run_cleaning(config, session.progress(), start_ray=session.start_ray)
     _say(f"cleaned {cleaned.images} images ({cleaned.flagged} flagged, {cleaned.failed} failed)")
@@ -293,7 +293,7 @@ def _clean(config: CleanConfig, session: console.Session) -> int:
 
 
 def _report(config: ReportConfig, session: console.Session) -> int:
-    from lungseg.report import run_report  # pictures and HTML only: no Ray
+    from lungseg.jobs.report import run_report  # pictures and HTML only: no Ray
 
     report = run_report(config)
     _say(f"report of {report.images} images ({report.failed} failed): {report.html}")
@@ -301,14 +301,14 @@ def _report(config: ReportConfig, session: console.Session) -> int:
 
 
 def _export(config: ExportConfig, session: console.Session) -> int:
-    from lungseg.export import export_saved_model  # TensorFlow only: no Ray
+    from lungseg.jobs.export import export_saved_model  # TensorFlow only: no Ray
 
     _say(f"SavedModel: {export_saved_model(config)}")
     return EXIT_OK
 
 
 def _benchmark(config: BenchmarkConfig, session: console.Session) -> int:
-    from lungseg.benchmark import format_table, run_benchmark
+    from lungseg.jobs.benchmark import format_table, run_benchmark
 
     session.start_ray()  # local: the memory row measures the processes this driver starts
     result = run_benchmark(config)

@@ -16,7 +16,7 @@ import tempfile
 import time
 from typing import TextIO
 
-from lungseg.progress import Progress
+from lungseg.core.progress import Progress
 
 QUIET, NORMAL, VERBOSE = 0, 1, 2
 
@@ -131,7 +131,7 @@ class Session:
         if not ray.is_initialized():
             level = logging.INFO if verbose else logging.ERROR
             # A Ray started here runs for this job only: without the dashboard, which costs
-            # 3 s of start-up on 2 cores (a cluster started by `ray start` keeps its own).
+            # seconds of start-up (a cluster started by `ray start` keeps its own).
             ray.init(log_to_driver=verbose, logging_level=level, include_dashboard=False)
             self._started_ray = True
         context = DataContext.get_current()

@@ -14,7 +14,7 @@ os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 import pytest
 import ray
 
-from lungseg.config import BUNDLED_MODEL, SAMPLE, SegmentConfig
+from lungseg.core.config import BUNDLED_MODEL, SAMPLE, SegmentConfig
 
 SAMPLE_IDS = sorted(p.stem for p in Path(SAMPLE, "images").glob("*.png"))
 
@@ -31,7 +31,7 @@ def local_ray():
 def model_path(tmp_path_factory) -> str:
     """The bundled U-Net saved anew as a file of its own (another SHA-256): its masks of real
     X-rays are plausible lungs, so they come out ``ok`` where an untrained model's are flagged."""
-    from lungseg.model import load_model
+    from lungseg.model.unet import load_model
 
     path = tmp_path_factory.mktemp("model") / "model.keras"
     load_model(Path(BUNDLED_MODEL).read_bytes()).save(path)

@@ -16,14 +16,15 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from lungseg import catalog, imaging, layout
-from lungseg.catalog import CatalogError, output_name
-from lungseg.clean import run_cleaning
-from lungseg.config import CleanConfig, EvaluateConfig, ModelConfig, RecipeConfig, TrainConfig
-from lungseg.errors import UserError
-from lungseg.evaluate import run_evaluation
-from lungseg.runfolder import DATA_SCHEMA
-from lungseg.train import run_training
+from lungseg.core import imaging, layout
+from lungseg.core.config import CleanConfig, EvaluateConfig, ModelConfig, RecipeConfig, TrainConfig
+from lungseg.core.errors import UserError
+from lungseg.io import catalog
+from lungseg.io.catalog import CatalogError, output_name
+from lungseg.jobs.clean import run_cleaning
+from lungseg.jobs.evaluate import run_evaluation
+from lungseg.jobs.train import run_training
+from lungseg.runs.runfolder import DATA_SCHEMA
 from tests.conftest import SAMPLE_IDS, copy_sample, labelled_config
 from tests.test_dicom import dicom_bytes
 

@@ -12,15 +12,15 @@ from pathlib import Path
 import keras
 import pytest
 
-from lungseg.benchmark import (
+from lungseg.core.config import BenchmarkConfig, ModelConfig
+from lungseg.jobs.benchmark import (
     conv_flops,
     format_table,
     replicate,
     run_benchmark,
     session_processes,
 )
-from lungseg.benchmark.baselines import StageCosts
-from lungseg.config import BenchmarkConfig, ModelConfig
+from lungseg.jobs.benchmark.baselines import StageCosts
 from tests.conftest import SAMPLE_IDS, copy_sample
 
 
@@ -104,9 +104,9 @@ def test_benchmark_runs_every_stage_at_tiny_sizes(tmp_path, model_path):
     saved = json.loads(Path(result.json).read_text())
     stages = [row["stage"] for row in saved["rows"]]
     assert stages == [
-        "hospital films (1024 px), whole process",
-        "hospital films (1024 px), in process",
-        "inference (512 px films), whole process",
+        "hospital images (1024 px), whole process",
+        "hospital images (1024 px), in process",
+        "inference (512 px images), whole process",
         "preprocessing",
         "memory",
         "training",

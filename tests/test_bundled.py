@@ -12,8 +12,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from lungseg import recipe
-from lungseg.config import (
+from lungseg.core.config import (
     BUNDLED_MODEL,
     BUNDLED_PROVENANCE,
     BUNDLED_SPLIT,
@@ -23,8 +22,9 @@ from lungseg.config import (
     RecipeConfig,
     SegmentConfig,
 )
-from lungseg.evaluate import run_evaluation
-from lungseg.modelfile import describe
+from lungseg.jobs.evaluate import run_evaluation
+from lungseg.model import recipe
+from lungseg.model.modelfile import describe
 from tests.conftest import SAMPLE_IDS, labelled_config
 
 # Measured on 2026-11-27: mean Dice 0.9713, lowest 0.8780 (MCUCXR_0126_1) on the 16 sample
@@ -145,8 +145,8 @@ def test_evaluate_only_the_split_subset(tmp_path):
 def test_savedmodel_export_serves_like_the_keras_model(tmp_path):
     import tensorflow as tf
 
-    from lungseg.export import export_saved_model
-    from lungseg.model import load_model
+    from lungseg.jobs.export import export_saved_model
+    from lungseg.model.unet import load_model
 
     export_saved_model(ExportConfig(output=str(tmp_path / "saved")))
     served = tf.saved_model.load(str(tmp_path / "saved"))

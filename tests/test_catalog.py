@@ -1,4 +1,4 @@
-"""Tests for lungseg.catalog: every supported layout, built from real files, and the split."""
+"""Tests for lungseg.io.catalog: every supported layout, built from real files, and the split."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import cv2
 import numpy as np
 import pytest
 
-from lungseg.catalog import Case, Catalog, CatalogError, find_cases, split_ids
+from lungseg.io.catalog import Case, Catalog, CatalogError, find_cases, split_ids
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "lungseg" / "sample"
@@ -235,7 +235,7 @@ def test_things_named_like_images_that_are_not_files_are_skipped_by_name(tmp_pat
 def test_a_suffix_less_file_that_cannot_be_read_is_skipped_by_name(tmp_path, monkeypatch):
     """It used to crash the whole job. (The test runs as root in CI, who reads any file, so the
     read fails by a stand-in for the 132-byte read.)"""
-    from lungseg import catalog
+    from lungseg.io import catalog
 
     good = _png(tmp_path / "good.png")
     (tmp_path / "IM0001").write_bytes(b"\0" * 200)
@@ -386,7 +386,7 @@ def test_split_rejects_duplicates() -> None:
 
 def test_split_independent_of_hash_seed() -> None:
     code = (
-        "import json, sys; from lungseg.catalog import split_ids; "
+        "import json, sys; from lungseg.io.catalog import split_ids; "
         "print(json.dumps(split_ids(json.loads(sys.argv[1]), 0.3)))"
     )
     outputs = []

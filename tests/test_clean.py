@@ -9,7 +9,8 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from lungseg.clean import (
+from lungseg.core.config import CleanConfig
+from lungseg.jobs.clean import (
     SCHEMA,
     CleanParams,
     FlaggedImage,
@@ -20,7 +21,6 @@ from lungseg.clean import (
     run_cleaning,
     should_invert,
 )
-from lungseg.config import CleanConfig
 from tests.conftest import SAMPLE_IDS, copy_sample
 
 RAW = CleanParams(size=64, blur_kernel=1, open_kernel=0, close_kernel=0)  # Otsu alone
@@ -191,10 +191,10 @@ def test_clean_sample_with_bad_files_end_to_end(tmp_path):
 def test_write_table_gives_every_lost_case_an_error_row(tmp_path):
     import pyarrow as pa
 
-    from lungseg.catalog import Case
-    from lungseg.layout import LOST
-    from lungseg.storage import DEFAULT_STORE
-    from lungseg.table import write_table
+    from lungseg.core.layout import LOST
+    from lungseg.io.catalog import Case
+    from lungseg.io.storage import DEFAULT_STORE
+    from lungseg.runs.table import write_table
 
     cases = [Case("a", "/in/a.png"), Case("b", "/in/b.png")]
     came_out = dict.fromkeys(SCHEMA.names) | {"id": "a", "source": "/in/a.png", "status": "ok"}

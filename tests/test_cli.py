@@ -13,7 +13,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from lungseg.cli import EXIT_IMAGES_FAILED, EXIT_USAGE, _config, build_parser, main
-from lungseg.config import (
+from lungseg.console import ConsoleProgress
+from lungseg.core.config import (
     BenchmarkConfig,
     CleanConfig,
     EvaluateConfig,
@@ -24,7 +25,6 @@ from lungseg.config import (
     SegmentConfig,
     TrainConfig,
 )
-from lungseg.console import ConsoleProgress
 from tests.conftest import SAMPLE_IDS, copy_sample
 
 REPO = Path(__file__).resolve().parents[1]

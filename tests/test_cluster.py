@@ -7,7 +7,6 @@ nodes. It stops every process it started (found by the test's own token in their
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import os
@@ -31,10 +30,10 @@ import pytest
 import ray
 import yaml
 
-from lungseg import storage
-from lungseg.cli import build_parser
-from lungseg.errors import UserError
-from lungseg.storage import Store
+from lungseg.cli import _config, build_parser
+from lungseg.core.errors import UserError
+from lungseg.io import storage
+from lungseg.io.storage import Store
 from tests.conftest import SAMPLE_IDS, free_port, upload_sample
 
 REPO = Path(__file__).resolve().parents[1]
@@ -43,14 +42,15 @@ BIN = Path(sys.executable).parent
 IMAGE = f"rayproject/ray:{ray.__version__}-py311-gpu"
 
 
-def _parse_job(command: str) -> tuple[str, argparse.Namespace]:
-    """``python jobs/<name>.py ARGS`` -> (name, the args as lungseg's own parser reads them)."""
+def _parse_job(command: str):
+    """``python jobs/<name>.py ARGS`` -> (name, the job's config as lungseg's own parser and
+    config build it)."""
     argv = shlex.split(command)
     assert argv[0] == "python" and re.fullmatch(r"jobs/\w+\.py", argv[1]), command
     assert (REPO / argv[1]).is_file(), f"{argv[1]} does not exist"
     name = Path(argv[1]).stem
     try:
-        return name, build_parser().parse_args([name, *argv[2:]])
+        return name, _config(build_parser().parse_args([name, *argv[2:]]))
     except SystemExit:
         pytest.fail(f"lungseg {name} rejects the options of: {command}")
 
@@ -112,8 +112,8 @@ def test_kuberay_jobs_run_the_real_job_commands(job):
     (cluster,) = [d for d in docs if d["kind"] == "RayCluster"]
     (rayjob,) = [d for d in docs if d["kind"] == "RayJob" and d["metadata"]["name"].endswith(job)]
     spec = rayjob["spec"]
-    name, args = _parse_job(spec["entrypoint"])
-    assert name == job and args.gpu and storage.is_remote(args.output)
+    name, config = _parse_job(spec["entrypoint"])
+    assert name == job and config.resources.use_gpu and storage.is_remote(config.output)
     assert spec["clusterSelector"] == {"ray.io/cluster": cluster["metadata"]["name"]}
     runtime_env = yaml.safe_load(spec["runtimeEnvYAML"])
     shared = yaml.safe_load((CLUSTER / "runtime_env.yaml").read_text())
@@ -121,7 +121,8 @@ def test_kuberay_jobs_run_the_real_job_commands(job):
 
 
 def _readme_commands() -> list[str]:
-    text = re.sub(r"\\\n\s*", " ", (CLUSTER / "README.md").read_text())
+    page = CLUSTER.parent / "docs" / "clusters.md"  # the docs' Clusters page
+    text = re.sub(r"\\\n\s*", " ", page.read_text())
     return re.findall(r"python jobs/\w+\.py[^\n`]*", text)
 
 

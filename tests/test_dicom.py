@@ -30,11 +30,12 @@ from pydicom.uid import (
     RLELossless,
 )
 
-from lungseg import catalog, imaging
-from lungseg.config import SAMPLE, SegmentConfig
-from lungseg.layout import NO_TRUTH, OK
-from lungseg.preprocess import Preprocess, case_records
-from lungseg.segment import SCHEMA, run_segmentation
+from lungseg.core import imaging
+from lungseg.core.config import SAMPLE, SegmentConfig
+from lungseg.core.layout import NO_TRUTH, OK
+from lungseg.io import catalog
+from lungseg.jobs.segment import SCHEMA, run_segmentation
+from lungseg.stages.preprocess import Preprocess, case_records
 from tests.conftest import SAMPLE_IDS
 
 

@@ -1,7 +1,7 @@
 """Faults injected into real Ray jobs: a segmenting actor and a train worker die mid-run, a
 driver is killed and its job resumed, a batch fails for good, Ray repeats a batch.
 
-The module's Ray carries the test hooks of :func:`lungseg.pipeline.inject_fault` in every
+The module's Ray carries the test hooks of :func:`lungseg.stages.pipeline.inject_fault` in every
 worker's environment: the first segmenting actor to start its second batch exits, and train
 worker rank 1 exits after the training steps of epoch 2; each only once (a marker file in the
 fault folder records that it happened).
@@ -23,14 +23,14 @@ import pyarrow.parquet as pq
 import pytest
 import ray
 
-from lungseg import pipeline
-from lungseg.catalog import Case
-from lungseg.config import ModelConfig, RecipeConfig, TrainConfig
-from lungseg.layout import LOST, SEGMENT_TABLE
-from lungseg.segment import SCHEMA, run_segmentation
-from lungseg.storage import DEFAULT_STORE
-from lungseg.table import JOURNAL_SUFFIX, write_table
-from lungseg.train import run_training
+from lungseg.core.config import ModelConfig, RecipeConfig, TrainConfig
+from lungseg.core.layout import LOST, SEGMENT_TABLE
+from lungseg.io.catalog import Case
+from lungseg.io.storage import DEFAULT_STORE
+from lungseg.jobs.segment import SCHEMA, run_segmentation
+from lungseg.jobs.train import run_training
+from lungseg.runs.table import JOURNAL_SUFFIX, write_table
+from lungseg.stages import pipeline
 from tests.conftest import SAMPLE_IDS, copy_sample, labelled_config
 
 REPO = Path(__file__).resolve().parents[1]

@@ -1,9 +1,9 @@
 """Property-based tests (hypothesis) of the decoder path: random images, then broken bytes.
 
-Whatever the bytes, :func:`lungseg.imaging.load_image_with_info` returns a 2-D ``uint8`` image
-or raises :class:`lungseg.imaging.ImageDecodeError`, and :class:`lungseg.preprocess.Preprocess`
-(called here in-process, as its Ray actor would) gives exactly one row per input, ``ok`` or
-``error`` with a specific reason.
+Whatever the bytes, :func:`lungseg.core.imaging.load_image_with_info` returns a 2-D ``uint8``
+image or raises :class:`lungseg.core.imaging.ImageDecodeError`, and
+:class:`lungseg.stages.preprocess.Preprocess` (called here in-process, as its Ray actor would)
+gives exactly one row per input, ``ok`` or ``error`` with a specific reason.
 """
 
 from __future__ import annotations
@@ -18,10 +18,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from lungseg import imaging
-from lungseg.catalog import Case
-from lungseg.layout import ERROR, OK
-from lungseg.preprocess import Preprocess, case_records
+from lungseg.core import imaging
+from lungseg.core.layout import ERROR, OK
+from lungseg.io.catalog import Case
+from lungseg.stages.preprocess import Preprocess, case_records
 from tests.test_dicom import dicom_bytes
 
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -10,8 +10,8 @@ import pyarrow.parquet as pq
 import pytest
 import ray
 
-from lungseg.config import ResourceConfig
-from lungseg.segment import run_segmentation
+from lungseg.core.config import ResourceConfig
+from lungseg.jobs.segment import run_segmentation
 from tests.conftest import SAMPLE_IDS, copy_sample, labelled_config
 
 

@@ -1,4 +1,5 @@
-"""Tests for lungseg.imaging: tiny arrays, real PNG/JPEG bytes from cv2.imencode, exact values."""
+"""Tests for lungseg.core.imaging: tiny arrays, real PNG/JPEG bytes from cv2.imencode, exact
+values."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import cv2
 import numpy as np
 import pytest
 
-from lungseg.imaging import (
+from lungseg.core.imaging import (
     ImageDecodeError,
     augment,
     binarise,

@@ -29,8 +29,9 @@ def _imports() -> dict[str, set[str]]:
             if isinstance(node, ast.Import):
                 found |= {alias.name for alias in node.names}
             elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-                found.add(node.module)
-                found |= {f"{node.module}.{alias.name}" for alias in node.names}
+                inner = {f"{node.module}.{alias.name}" for alias in node.names}
+                # "from lungseg.core import qc" imports lungseg.core.qc, not the package's code
+                found |= inner if inner & set(modules) else {node.module}
         graph[name] = {m for m in found if m in modules and m != name and m != "lungseg"}
     return graph
 
@@ -59,8 +60,28 @@ def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
 
 def test_imports_form_no_circle():
     graph = _imports()
-    assert len(graph) > 20 and graph["lungseg.segment"] >= {"lungseg.pipeline", "lungseg.table"}
+    assert len(graph) > 20 and graph["lungseg.jobs.segment"] >= {
+        "lungseg.stages.pipeline",
+        "lungseg.runs.table",
+    }
     assert _cycle(graph) is None, " -> ".join(_cycle(graph))
+
+
+LAYERS = (("__main__", "cli", "console"), ("jobs",), ("stages",), ("runs",), ("model",), ("io",))
+"""lungseg's subpackages from the top down: entry, jobs, Ray stages, run state, model, storage
+and catalog; then ``core``, the pure helpers. An import goes down or stays in its layer."""
+RANKS = {name: rank for rank, names in enumerate(LAYERS) for name in names}
+
+
+def _layer(module: str) -> int:
+    return RANKS.get(module.split(".")[1], len(LAYERS))
+
+
+def test_imports_run_down_the_layers():
+    graph = _imports()
+    assert {m.split(".")[1] for m in graph if m.count(".")} <= {*RANKS, "core"}
+    upward = [f"{a} -> {b}" for a, deps in graph.items() for b in deps if _layer(b) < _layer(a)]
+    assert not upward, upward
 
 
 def test_the_cycle_finder_finds_one():
@@ -68,7 +89,7 @@ def test_the_cycle_finder_finds_one():
     assert _cycle({"a": {"b"}, "b": set()}) is None
 
 
-@pytest.mark.parametrize("job", ["lungseg.report", "lungseg.export", "lungseg.fit"])
+@pytest.mark.parametrize("job", ["lungseg.jobs.report", "lungseg.jobs.export", "lungseg.jobs.fit"])
 def test_jobs_without_ray_load_no_ray(job):
     code = (
         f"import sys, {job}, lungseg.cli; "
@@ -81,9 +102,15 @@ def test_jobs_without_ray_load_no_ray(job):
 
 def test_pure_helpers_import_nothing_heavier_than_numpy_and_opencv():
     graph = _imports()
-    helpers = ("lungseg.imaging", "lungseg.draw", "lungseg.qc", "lungseg.metrics")
-    for pure in helpers:  # one another and UserError, nothing else of lungseg
-        assert graph[pure] <= {"lungseg.errors", *helpers}, (pure, graph[pure])
-        text = (PACKAGE / f"{pure.split('.')[1]}.py").read_text()
+    helpers = (
+        "lungseg.core.imaging",
+        "lungseg.core.draw",
+        "lungseg.core.qc",
+        "lungseg.core.metrics",
+    )
+    for pure in helpers:  # one another, the settings and UserError, nothing else of lungseg
+        allowed = {"lungseg.core.errors", "lungseg.core.config", *helpers}
+        assert graph[pure] <= allowed, (pure, graph[pure])
+        text = (PACKAGE / "core" / f"{pure.split('.')[-1]}.py").read_text()
         for heavy in ("import ray", "import keras", "import tensorflow", "pyarrow"):
             assert heavy not in text, (pure, heavy)

@@ -20,8 +20,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from lungseg import outputs, storage
-from lungseg.config import (
+from lungseg.core.config import (
     BUNDLED_MODEL,
     ConfigError,
     ExportConfig,
@@ -31,14 +30,16 @@ from lungseg.config import (
     SegmentConfig,
     TrainConfig,
 )
-from lungseg.errors import UserError
-from lungseg.export import export_saved_model
-from lungseg.fit import run_fit
-from lungseg.layout import LEDGER_DIR, LOCK_FILE, MANIFEST_FILE, SEGMENT
-from lungseg.model import build_unet, check_segmenter
-from lungseg.modelfile import describe
-from lungseg.segment import EMPTY_TRUTH, run_segmentation
-from lungseg.storage import DEFAULT_STORE, Store
+from lungseg.core.errors import UserError
+from lungseg.core.layout import LEDGER_DIR, LOCK_FILE, MANIFEST_FILE, SEGMENT
+from lungseg.io import storage
+from lungseg.io.storage import DEFAULT_STORE, Store
+from lungseg.jobs.export import export_saved_model
+from lungseg.jobs.fit import run_fit
+from lungseg.jobs.segment import EMPTY_TRUTH, run_segmentation
+from lungseg.model.modelfile import describe
+from lungseg.model.unet import build_unet, check_segmenter
+from lungseg.runs import outputs
 from tests.conftest import SAMPLE_IDS, copy_sample, labelled_config, upload_sample
 from tests.test_dicom import dicom_bytes, sample_picture
 

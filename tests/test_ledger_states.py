@@ -29,14 +29,15 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from lungseg import outputs, storage
-from lungseg.config import ModelConfig, RecipeConfig, SegmentConfig, TrainConfig
-from lungseg.errors import UserError
-from lungseg.fit import run_fit
-from lungseg.layout import MANIFEST_FILE, SEGMENT
-from lungseg.progress import Progress
-from lungseg.segment import run_segmentation
-from lungseg.storage import DEFAULT_STORE
+from lungseg.core.config import ModelConfig, RecipeConfig, SegmentConfig, TrainConfig
+from lungseg.core.errors import UserError
+from lungseg.core.layout import MANIFEST_FILE, SEGMENT
+from lungseg.core.progress import Progress
+from lungseg.io import storage
+from lungseg.io.storage import DEFAULT_STORE
+from lungseg.jobs.fit import run_fit
+from lungseg.jobs.segment import run_segmentation
+from lungseg.runs import outputs
 from tests.conftest import SAMPLE_IDS
 
 SAMPLE = Path(__file__).resolve().parents[1] / "lungseg" / "sample"

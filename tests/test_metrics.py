@@ -1,4 +1,4 @@
-"""Tests for lungseg.metrics: exact confusion counts, Dice and IoU on tiny masks."""
+"""Tests for lungseg.core.metrics: exact confusion counts, Dice and IoU on tiny masks."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import dataclasses
 import numpy as np
 import pytest
 
-from lungseg.metrics import Confusion, confusion
+from lungseg.core.metrics import Confusion, confusion
 
 PRED = np.array([[1, 1, 0], [0, 1, 0], [0, 0, 0]], np.uint8)
 TRUTH = np.array([[1, 0, 0], [0, 1, 1], [0, 0, 0]], np.uint8)

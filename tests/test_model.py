@@ -1,4 +1,5 @@
-"""Tests for lungseg.model: U-Net shapes and sizes, the BCE + Dice loss and the overlap counts."""
+"""Tests for lungseg.model.unet: U-Net shapes and sizes, the BCE + Dice loss and the overlap
+counts."""
 
 from __future__ import annotations
 
@@ -8,8 +9,8 @@ import numpy as np
 import pytest
 from keras import ops
 
-from lungseg.metrics import confusion
-from lungseg.model import bce_dice_loss, build_unet, overlap_counts, with_precision
+from lungseg.core.metrics import confusion
+from lungseg.model.unet import bce_dice_loss, build_unet, overlap_counts, with_precision
 
 
 def _np(x) -> np.ndarray:

@@ -7,10 +7,11 @@ import cv2
 import numpy as np
 import pytest
 
-from lungseg import catalog, pipeline
-from lungseg.config import ResourceConfig
-from lungseg.errors import UserError
-from lungseg.layout import ERROR, OK
+from lungseg.core.config import ResourceConfig
+from lungseg.core.errors import UserError
+from lungseg.core.layout import ERROR, OK
+from lungseg.io import catalog
+from lungseg.stages import pipeline
 from tests.conftest import SAMPLE_IDS, copy_sample
 
 Pool, Cluster = pipeline.Pool, pipeline.Cluster

@@ -1,4 +1,4 @@
-"""Quality control without ground truth (lungseg.qc) and its figures in evaluate's summary:
+"""Quality control without ground truth (lungseg.core.qc) and its figures in evaluate's summary:
 tiny arrays, exact values."""
 
 from __future__ import annotations
@@ -8,10 +8,10 @@ import math
 import numpy as np
 import pytest
 
-from lungseg import qc
-from lungseg.evaluate import POOR_DICE, quality_control
-from lungseg.layout import OK, REVIEW
-from lungseg.metrics import ranks, spearman
+from lungseg.core import qc
+from lungseg.core.layout import OK, REVIEW
+from lungseg.core.metrics import ranks, spearman
+from lungseg.jobs.evaluate import POOR_DICE, quality_control
 
 
 def lungs() -> np.ndarray:

@@ -12,14 +12,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lungseg import qc, recipe
-from lungseg.catalog import find_cases
-from lungseg.config import BUNDLED_MODEL, SAMPLE, ModelConfig, RecipeConfig, TrainConfig
-from lungseg.fit import fit, load_arrays, run_fit
-from lungseg.metrics import confusion
-from lungseg.model import load_model, to_bytes
-from lungseg.modelfile import NOTES, ModelFile, describe, with_calibration
-from lungseg.storage import DEFAULT_STORE
+from lungseg.core import qc
+from lungseg.core.config import BUNDLED_MODEL, SAMPLE, ModelConfig, RecipeConfig, TrainConfig
+from lungseg.core.metrics import confusion
+from lungseg.io.catalog import find_cases
+from lungseg.io.storage import DEFAULT_STORE
+from lungseg.jobs.fit import fit, load_arrays, run_fit
+from lungseg.model import recipe
+from lungseg.model.modelfile import NOTES, ModelFile, describe, with_calibration
+from lungseg.model.unet import load_model, to_bytes
 from tests.conftest import SAMPLE_IDS
 
 

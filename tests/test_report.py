@@ -16,9 +16,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from lungseg import draw, imaging, report
-from lungseg.config import ReportConfig
-from lungseg.draw import (
+from lungseg.core import draw, imaging
+from lungseg.core.config import ReportConfig
+from lungseg.core.draw import (
     ALPHAS,
     CAPTION_HEIGHT,
     FN_COLOUR,
@@ -27,7 +27,8 @@ from lungseg.draw import (
     OUTLINE_COLOUR,
     TP_COLOUR,
 )
-from lungseg.segment import SCHEMA
+from lungseg.jobs import report
+from lungseg.jobs.segment import SCHEMA
 from tests.conftest import SAMPLE_IDS, copy_sample, labelled_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -171,7 +172,7 @@ def segmented(tmp_path_factory, s3_endpoint, local_ray, model_path) -> Path:
     ``s3_endpoint`` (session) starts first, so that the module's Ray has its keys for the bucket
     test.
     """
-    from lungseg.segment import run_segmentation
+    from lungseg.jobs.segment import run_segmentation
 
     root = copy_sample(tmp_path_factory.mktemp("data"), SAMPLE_IDS[:3])
     image = cv2.imread(str(root / "images" / f"{SAMPLE_IDS[0]}.png"), cv2.IMREAD_UNCHANGED)
@@ -416,7 +417,7 @@ def test_report_without_overlays_or_truth_draws_from_sources(segmented, tmp_path
 @pytest.mark.timeout(400)
 @pytest.mark.usefixtures("local_ray")
 def test_overlays_and_report_in_a_bucket(s3, s3_endpoint, model_path):
-    from lungseg.segment import run_segmentation
+    from lungseg.jobs.segment import run_segmentation
     from tests.conftest import upload_sample
 
     data = upload_sample(s3, "xrays", "report", SAMPLE_IDS[:2])

@@ -13,11 +13,12 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 
-from lungseg import catalog, pipeline, storage
-from lungseg.config import ModelConfig, RecipeConfig, TrainConfig
-from lungseg.segment import run_segmentation
-from lungseg.storage import Store
-from lungseg.train import run_training
+from lungseg.core.config import ModelConfig, RecipeConfig, TrainConfig
+from lungseg.io import catalog, storage
+from lungseg.io.storage import Store
+from lungseg.jobs.segment import run_segmentation
+from lungseg.jobs.train import run_training
+from lungseg.stages import pipeline
 from tests.conftest import S3_SECRET, SAMPLE_IDS, free_port, labelled_config, upload_sample
 
 pytestmark = [pytest.mark.usefixtures("s3_endpoint", "local_ray"), pytest.mark.timeout(420)]
@@ -56,7 +57,7 @@ def test_train_from_bucket_into_bucket_then_resume(s3, s3_endpoint):
 
 
 def test_segment_bucket_prefix_into_another_bucket(s3, s3_endpoint, tmp_path):
-    from lungseg.model import build_unet
+    from lungseg.model.unet import build_unet
 
     data = upload_sample(s3, "xrays", "seg", SAMPLE_IDS[:5])
     s3.put_object(Bucket="xrays", Key="seg/images/broken.png", Body=b"not a png")

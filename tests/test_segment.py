@@ -7,7 +7,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from lungseg.segment import NO_TRUTH, SCHEMA, run_segmentation
+from lungseg.jobs.segment import NO_TRUTH, SCHEMA, run_segmentation
 from tests.conftest import SAMPLE_IDS, copy_sample, labelled_config
 
 pytestmark = [pytest.mark.usefixtures("local_ray"), pytest.mark.timeout(300)]

@@ -9,10 +9,10 @@ from dataclasses import replace
 
 import pytest
 
-from lungseg import recipe
-from lungseg.config import SAMPLE, ModelConfig, RecipeConfig, TrainConfig
-from lungseg.modelfile import describe
-from lungseg.train import run_training
+from lungseg.core.config import SAMPLE, ModelConfig, RecipeConfig, TrainConfig
+from lungseg.jobs.train import run_training
+from lungseg.model import recipe
+from lungseg.model.modelfile import describe
 from tests.conftest import SAMPLE_IDS
 
 pytestmark = [pytest.mark.usefixtures("local_ray"), pytest.mark.timeout(420)]

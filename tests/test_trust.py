@@ -24,10 +24,9 @@ import pytest
 from pydicom.encaps import encapsulate
 from pydicom.uid import DeflatedExplicitVRLittleEndian, JPEGBaseline8Bit
 
-from lungseg import catalog, imaging, outputs, qc
-from lungseg.clean import run_cleaning
 from lungseg.cli import EXIT_USAGE
-from lungseg.config import (
+from lungseg.core import imaging, qc
+from lungseg.core.config import (
     AUTO,
     BUNDLED_MODEL,
     CleanConfig,
@@ -36,12 +35,15 @@ from lungseg.config import (
     SegmentConfig,
     TrainConfig,
 )
-from lungseg.errors import UserError
-from lungseg.fit import run_fit
-from lungseg.layout import CLEAN, LOCK_FILE, MANIFEST_FILE, SEGMENT
-from lungseg.pipeline import resolve_precision
-from lungseg.segment import run_segmentation
-from lungseg.storage import DEFAULT_STORE
+from lungseg.core.errors import UserError
+from lungseg.core.layout import CLEAN, LOCK_FILE, MANIFEST_FILE, SEGMENT
+from lungseg.io import catalog
+from lungseg.io.storage import DEFAULT_STORE
+from lungseg.jobs.clean import run_cleaning
+from lungseg.jobs.fit import run_fit
+from lungseg.jobs.segment import run_segmentation
+from lungseg.runs import outputs
+from lungseg.stages.pipeline import resolve_precision
 from tests.conftest import SAMPLE_IDS, copy_sample, labelled_config
 from tests.test_dicom import dicom_bytes, sample_picture
 
@@ -105,7 +107,7 @@ def test_2_the_manifest_says_what_made_the_output(earlier_run, model_path):
     settings = manifest["settings"]
     assert manifest["job"] == "segment" and manifest["state"] == "complete"
     assert manifest["lungseg"] and manifest["images"] == 4
-    from lungseg.modelfile import describe
+    from lungseg.model.modelfile import describe
 
     assert settings["model_sha256"] == describe(Path(model_path).read_bytes()).sha256
     assert settings["model_input_size"] == 256
@@ -119,8 +121,8 @@ def test_2_the_manifest_says_what_made_the_output(earlier_run, model_path):
 
 
 def test_2_a_model_without_a_calibration_is_scored_in_the_bundled_ones_units(model_path, caplog):
-    from lungseg.modelfile import describe
-    from lungseg.segment import calibration
+    from lungseg.jobs.segment import calibration
+    from lungseg.model.modelfile import describe
 
     bundled = describe(Path(BUNDLED_MODEL).read_bytes())
     assert calibration(bundled, BUNDLED_MODEL) == bundled.calibration is not None
@@ -400,7 +402,7 @@ def test_9_implausible_masks_are_named():
     assert qc.implausible(tiny) == ["one lung is 2% of the size of the other"]
     huge = np.ones((64, 64), np.uint8)
     huge[:, 31:33] = 0
-    assert qc.implausible(huge) == ["lungs cover 96.9% of the film, not 4%-60%"]
+    assert qc.implausible(huge) == ["lungs cover 96.9% of the image, not 4%-60%"]
 
 
 @pytest.mark.usefixtures("local_ray")

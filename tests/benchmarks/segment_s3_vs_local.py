@@ -31,9 +31,9 @@ import boto3
 import ray
 from moto.server import ThreadedMotoServer
 
-from lungseg.config import SAMPLE, SegmentConfig
-from lungseg.model import build_unet
-from lungseg.segment import run_segmentation
+from lungseg.core.config import SAMPLE, SegmentConfig
+from lungseg.jobs.segment import run_segmentation
+from lungseg.model.unet import build_unet
 
 
 def main() -> None:

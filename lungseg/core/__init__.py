@@ -1,0 +1,1 @@
+"""Pure helpers: arrays and pictures, metrics, quality control, settings, fixed names."""

@@ -1,0 +1,1 @@
+"""The jobs: one ``run_<job>(config, ...)`` each, called by the CLI (:mod:`lungseg.cli`)."""

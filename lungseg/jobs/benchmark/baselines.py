@@ -1,0 +1,253 @@
+"""The plain loops a user would write instead of lungseg's Ray jobs, the inputs they run on,
+and the cost of each step of segmenting one image (the ceiling a pipeline could reach).
+
+``python -m lungseg.jobs.benchmark.baselines FOLDER OUTPUT MODEL BATCH`` runs the segmenting loop
+as a process of its own, to time it whole (imports and model loading included) beside the job.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import resource
+import shutil
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from lungseg.core import imaging, qc
+from lungseg.core.config import SegmentConfig
+from lungseg.jobs import segment
+from lungseg.model import modelfile
+
+TRAIN_LEARNING_RATE = 1e-3
+"""Adam's learning rate on both sides of the training row."""
+
+
+def replicate(sources: Sequence[str], count: int, folder: Path, size: int | None = None) -> Path:
+    """``count`` files in ``folder`` under new ids ``x000000`` ..., the ``sources`` round-robin:
+    hard links (copies across file systems), or with ``size`` the sources resized to ``size``
+    pixels a side (cubic) and saved once as 8-bit PNGs, then linked. Returns ``folder``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    if size is not None:
+        resized = folder.parent / f"{folder.name}-{size}px"
+        resized.mkdir(exist_ok=True)
+        for i, source in enumerate(sources):
+            image = imaging.load_image(Path(source).read_bytes(), source)
+            big = cv2.resize(image, (size, size), interpolation=cv2.INTER_CUBIC)
+            cv2.imwrite(str(resized / f"s{i:04d}.png"), big)
+        sources = sorted(str(p) for p in resized.iterdir())
+    for i in range(count):
+        source = Path(sources[i % len(sources)])
+        target = folder / f"x{i:06d}{source.suffix.lower()}"
+        try:
+            os.link(source, target)
+        except OSError:
+            shutil.copyfile(source, target)
+    return folder
+
+
+def conv_flops(model) -> int:
+    """Floating-point operations (2 per multiply-add) of a Keras model's convolutions, per image.
+
+    BatchNorm, activations, pooling and concatenation are left out: a few operations per
+    activation, well under 1% of the convolutions of a U-Net.
+    """
+    import keras
+
+    total = 0
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.Conv2DTranspose):  # each input pixel scatters k*k*out
+            _, height, width, channels = layer.input.shape
+        elif isinstance(layer, keras.layers.Conv2D):  # each output pixel gathers k*k*in
+            _, height, width, _ = layer.output.shape
+            channels = layer.input.shape[-1]
+        else:
+            continue
+        total += 2 * height * width * math.prod(layer.kernel_size) * channels * layer.filters
+    return total
+
+
+def matmul_gflops(n: int = 2048, repeats: int = 3) -> float:
+    """This machine's attainable float32 GFLOP/s: the best of ``repeats`` NumPy n x n matmuls."""
+    a = np.random.default_rng(0).random((n, n), dtype=np.float32)
+    best = math.inf
+    for _ in range(repeats):
+        started = time.perf_counter()
+        a @ a
+        best = min(best, time.perf_counter() - started)
+    return 2 * n**3 / best / 1e9
+
+
+def plain_preprocess(paths: Sequence[str], size: int) -> None:
+    """The preprocessing loop: the Preprocess actor's decode, normalise and resize, in turn."""
+    for path in paths:
+        imaging.resize_image(imaging.load_image(Path(path).read_bytes(), path), size)
+
+
+def _load(model_uri: str) -> tuple:
+    """The Keras model of a local ``.keras`` file and the calibration that scores its masks."""
+    from lungseg.model.unet import load_model
+
+    data = Path(model_uri).read_bytes()
+    return load_model(data), segment.calibration(modelfile.describe(data), model_uri)
+
+
+def _predict(model, films: np.ndarray, batch_size: int) -> np.ndarray:
+    """The model's probabilities for a stack of uint8 images, ``batch_size`` at a time."""
+    return np.concatenate(
+        [
+            np.asarray(model.predict_on_batch(films[i : i + batch_size, ..., None]))[..., 0]
+            for i in range(0, len(films), batch_size)
+        ]
+    )
+
+
+def _write_mask(
+    path: str,
+    image: np.ndarray,
+    probability: np.ndarray,
+    second: np.ndarray,
+    calibration: qc.Calibration,
+    output: Path,
+) -> None:
+    """What the job does with an image's probabilities: post-process and assess them at segment's
+    default threshold, resize the mask to the image, write its PNG."""
+    threshold = SegmentConfig.threshold
+    mask = imaging.postprocess(probability, threshold)
+    qc.assess(mask, probability, second, threshold, calibration)
+    mask = imaging.resize_mask(mask, *image.shape[:2])
+    (output / f"{Path(path).stem}.png").write_bytes(imaging.encode_png(mask))
+
+
+def plain_segment(paths: Sequence[str], model_uri: str, output: Path, batch_size: int) -> None:
+    """The segmenting loop: load the model, then decode, preprocess, predict (float32, Keras'
+    defaults) the images and their second views, post-process, assess
+    (:func:`lungseg.core.qc.assess`) and write the masks batch by batch, in one process."""
+    model, calibration = _load(model_uri)
+    size = int(model.input_shape[1])
+    output.mkdir(parents=True, exist_ok=True)
+    for start in range(0, len(paths), batch_size):
+        chunk = paths[start : start + batch_size]
+        images = [imaging.load_image(Path(p).read_bytes(), p) for p in chunk]
+        batch = np.stack([imaging.resize_image(image, size) for image in images])
+        probability = _predict(model, batch, batch_size)
+        second = _predict(model, np.stack([qc.second_view(film) for film in batch]), batch_size)
+        for path, image, p, s in zip(chunk, images, probability, second, strict=True):
+            _write_mask(path, image, p, s, calibration, output)
+
+
+@dataclass(frozen=True)
+class StageCosts:
+    """Core-milliseconds per image of each step of segmenting an image, measured one step after
+    the other in this process: OpenCV on one thread, the model with its own threads (the CPU
+    time of all of them), at the pipeline's precision and batch size."""
+
+    decode: float  # read the file, decode it
+    preprocess: float  # grayscale, stretch, resize to the model's input, its second view
+    model: float  # predict the image and its second view, per image of a batch
+    write: float  # post-process, assess, resize back, encode the PNG, write it
+
+    @property
+    def total(self) -> float:
+        return self.decode + self.preprocess + self.model + self.write
+
+    def ceiling(self, cores: float) -> float:
+        """Images/s that ``cores`` fully busy with these steps would segment."""
+        return cores * 1000 / self.total
+
+    def to_dict(self) -> dict:
+        return asdict(self) | {"total": self.total}
+
+
+def _cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def stage_costs(
+    paths: Sequence[str], model_uri: str, batch_size: int, precision: str, output: Path
+) -> StageCosts:
+    """:class:`StageCosts` over ``paths`` (a batch or more of them)."""
+    from lungseg.model.unet import with_precision
+
+    model, calibration = _load(model_uri)
+    model = with_precision(model, precision)
+    size = int(model.input_shape[1])
+    threads = cv2.getNumThreads()
+    cv2.setNumThreads(1)
+    try:
+        started = _cpu_seconds()
+        decoded = [imaging.decode(Path(p).read_bytes(), p) for p in paths]
+        decode = _cpu_seconds() - started
+        started = _cpu_seconds()
+        small = np.stack(
+            [
+                imaging.resize_image(imaging.normalise(imaging.to_grayscale(d)), size)
+                for d in decoded
+            ]
+        )
+        views = np.stack([qc.second_view(film) for film in small])
+        preprocess = _cpu_seconds() - started
+        _predict(model, small[:batch_size], batch_size)  # traced once, as in an actor
+        started = _cpu_seconds()
+        probability = _predict(model, small, batch_size)
+        second = _predict(model, views, batch_size)
+        predict = _cpu_seconds() - started
+        output.mkdir(parents=True, exist_ok=True)
+        started = _cpu_seconds()
+        for path, image, p, s in zip(paths, decoded, probability, second, strict=True):
+            _write_mask(path, image, p, s, calibration, output)
+        write = _cpu_seconds() - started
+    finally:
+        cv2.setNumThreads(threads)
+    n = len(paths) / 1000
+    return StageCosts(decode / n, preprocess / n, predict / n, write / n)
+
+
+def training_arrays(root: str, size: int, count: int) -> tuple[np.ndarray, np.ndarray]:
+    """The labelled cases under ``root`` through :class:`lungseg.stages.preprocess.Preprocess` (in
+    this process), repeated to ``count``."""
+    from lungseg.io import catalog
+    from lungseg.stages.preprocess import Preprocess, case_records
+
+    cases = catalog.find_cases(root).labelled
+    if not cases:
+        raise ValueError(f"the training row needs X-rays with masks under {root}")
+    records = case_records(cases)
+    out = Preprocess(size, train=True)({key: [r[key] for r in records] for key in records[0]})
+    failed = [str(e) for e in out["error"] if e]
+    if failed:
+        raise RuntimeError(f"{len(failed)} training images failed: {failed[0]}")
+    picks = np.arange(count) % len(cases)
+    return out["image"][picks], out["mask"][picks]
+
+
+def plain_epoch(model_config, images: np.ndarray, masks: np.ndarray, batch_size: int) -> float:
+    """Seconds of the second of two epochs of ``model.fit`` with the training job's loss, fed
+    float32 arrays (uint8 ones cost ``fit`` about 40% more per step here)."""
+    import keras
+
+    from lungseg.model.unet import bce_dice_loss, build_unet
+
+    keras.utils.set_random_seed(0)
+    model = build_unet(**asdict(model_config))
+    model.compile(optimizer=keras.optimizers.Adam(TRAIN_LEARNING_RATE), loss=bce_dice_loss)
+    stamps: list[float] = []
+    clock = keras.callbacks.LambdaCallback(
+        on_epoch_begin=lambda *_: stamps.append(time.perf_counter()),
+        on_epoch_end=lambda *_: stamps.append(time.perf_counter()),
+    )
+    x, y = (a[..., None].astype(np.float32) for a in (images, masks))
+    model.fit(x, y, batch_size, 2, verbose=0, callbacks=[clock])
+    return stamps[3] - stamps[2]
+
+
+if __name__ == "__main__":  # the segmenting loop as a process of its own
+    folder, out, model_file, batch = sys.argv[1:5]
+    plain_segment(sorted(str(p) for p in Path(folder).iterdir()), model_file, Path(out), int(batch))

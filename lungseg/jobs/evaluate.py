@@ -1,0 +1,117 @@
+"""Evaluate a model on a labelled set: the segment job plus a ``summary.json`` of its scores."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import replace
+from statistics import mean, median
+
+import pyarrow.parquet as pq
+
+from lungseg.core.config import EvaluateConfig
+from lungseg.core.errors import UserError
+from lungseg.core.layout import ERROR, REVIEW, SUMMARY_FILE
+from lungseg.core.metrics import spearman
+from lungseg.core.progress import Progress
+from lungseg.io.catalog import read_split
+from lungseg.io.storage import Store
+from lungseg.jobs.segment import plan_segmentation, segment_cases
+from lungseg.stages import pipeline
+
+WORST = 10
+POOR_DICE = 0.93
+"""A mask below this Dice is a poor one, that quality control should send to review."""
+
+
+def dataset_of(case_id: str) -> str:
+    """The dataset an id belongs to: its prefix before the first ``_`` (``MCUCXR``, ``CHNCXR``)."""
+    return case_id.split("_", 1)[0]
+
+
+def _stats(rows: list[dict]) -> dict:
+    scored = [r for r in rows if r["dice"] is not None]
+    out: dict = {"images": len(rows), "scored": len(scored)}
+    for metric in ("dice", "iou"):
+        values = [r[metric] for r in scored]
+        out[metric] = (
+            {"mean": mean(values), "median": median(values), "min": min(values)} if values else None
+        )
+    out["quality_control"] = quality_control(rows)
+    return out
+
+
+def quality_control(rows: list[dict]) -> dict:
+    """How well ``qc_score`` and ``qc`` (:mod:`lungseg.core.qc`) foretell the Dice of the scored
+    rows: Spearman's correlation, the share sent to review, and of the masks below
+    :data:`POOR_DICE`, how many review caught."""
+    scored = [r for r in rows if r["dice"] is not None and r["qc_score"] is not None]
+    poor = [r for r in scored if r["dice"] < POOR_DICE]
+    review = [r for r in scored if r["qc"] == REVIEW]
+    caught = sum(r["qc"] == REVIEW for r in poor)
+    return {
+        "scored": len(scored),
+        "spearman_qc_score_dice": spearman(
+            [r["qc_score"] for r in scored], [r["dice"] for r in scored]
+        ),
+        "review": len(review),
+        "review_share": len(review) / len(scored) if scored else None,
+        "poor_dice_below": POOR_DICE,
+        "poor": len(poor),
+        "poor_in_review": caught,
+        "poor_caught_share": caught / len(poor) if poor else None,
+    }
+
+
+def summarise(rows: list[dict], model: str) -> dict:
+    """Mean/median/min Dice and IoU and the quality control's figures (:func:`quality_control`)
+    overall and per dataset, failures, the worst ids, and the images sent to review.
+
+    ``unscored`` lists the images segmented without a ground truth (``flagged`` when masks
+    were given).
+    """
+    datasets = sorted({dataset_of(r["id"]) for r in rows})
+    scored = sorted((r for r in rows if r["dice"] is not None), key=lambda r: (r["dice"], r["id"]))
+    return {
+        "model": model,
+        "overall": _stats(rows),
+        "datasets": {d: _stats([r for r in rows if dataset_of(r["id"]) == d]) for d in datasets},
+        "failed": [{"id": r["id"], "error": r["error"]} for r in rows if r["status"] == ERROR],
+        "unscored": sorted(r["id"] for r in rows if r["status"] != ERROR and r["dice"] is None),
+        "worst": [{"id": r["id"], "dice": r["dice"], "iou": r["iou"]} for r in scored[:WORST]],
+        "review": [
+            {k: r[k] for k in ("id", "qc_score", "dice", "qc_reason")}
+            for r in sorted(
+                (r for r in rows if r["qc"] == REVIEW), key=lambda r: (r["qc_score"], r["id"])
+            )
+        ],
+    }
+
+
+def run_evaluation(
+    config: EvaluateConfig,
+    progress: Progress | None = None,
+    start_ray: Callable[[], None] = pipeline.attach,
+) -> dict:
+    """Segment the labelled images (only ``config.subset`` of the ``config.split`` file, when
+    given) and write ``summary.json`` beside the per-image Parquet; returns the summary. The
+    same steps as :func:`lungseg.jobs.segment.run_segmentation`: plan, Ray, claim, segment, then the
+    summary into the same claim."""
+    store = Store.for_job(config.s3_endpoint)
+    if config.split is not None:
+        subsets = read_split(config.split, store)
+        if config.subset not in subsets:
+            raise UserError(
+                f"{config.split} has no subset {config.subset!r}: it has {', '.join(subsets)}"
+            )
+        config = replace(config, ids=tuple(subsets[config.subset]))
+    plan = plan_segmentation(config, {"--split": config.split})
+    start_ray()
+    pools = plan.pools()
+    with plan.claimed("evaluate") as claim:
+        result = segment_cases(plan, pools, claim, progress or Progress())
+        fs, path = store.resolve(result.table)
+        summary = summarise(pq.read_table(path, filesystem=fs).to_pylist(), config.model)
+        claim.write(SUMMARY_FILE, json.dumps(summary, indent=2).encode())
+        claim.finish(images=result.images, flagged=result.flagged, failed=result.failed)
+    return summary

@@ -1,0 +1,1 @@
+"""The U-Net, its training recipe, and what a ``.keras`` file says without Keras."""

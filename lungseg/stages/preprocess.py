@@ -1,0 +1,144 @@
+"""Reading X-rays for a model: read, decode, grayscale, stretch, resize, in batches of cases.
+
+:class:`Preprocess` is a plain callable on a batch of :func:`case_records`: Ray Data runs it as
+an actor (:func:`lungseg.stages.pipeline.preprocessed`), and a process without Ray calls it directly
+(:func:`load_arrays`, the single-process trainer, the benchmark's loop).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, fields
+
+import cv2
+import numpy as np
+
+from lungseg.core import draw, imaging
+from lungseg.core.layout import ERROR, OK
+from lungseg.io import storage
+from lungseg.io.catalog import Case
+from lungseg.io.storage import DEFAULT_STORE, Store
+
+INFO_COLUMNS = tuple(f.name for f in fields(imaging.ImageInfo))
+"""Header columns of :class:`Preprocess` output: strings (empty) and float64 (NaN) when unknown."""
+
+
+FINGERPRINTS = ("source_fingerprint", "truth_fingerprint", "source_stamp", "truth_stamp")
+"""What :class:`Preprocess` says of the files it read: their fingerprints
+(:func:`lungseg.io.storage.fingerprint`; a mask pair's joined by ``;``, empty where unread) and the
+catalog's stamps of them."""
+
+
+def case_records(cases: tuple[Case, ...] | list[Case]) -> list[dict]:
+    """Catalog cases as rows for ``ray.data.from_items``."""
+    return [
+        {
+            "id": c.id,
+            "name": c.name,
+            "source": c.image,
+            "truth": list(c.masks),
+            "source_stamp": c.stamps[0] if c.stamps else "",
+            "truth_stamp": ";".join(c.stamps[1:]),
+        }
+        for c in cases
+    ]
+
+
+class Preprocess:
+    """Ray Data actor: read bytes through pyarrow, decode, grayscale, normalise, resize.
+
+    Output columns: ``id``, ``name`` (of the output files), ``source``, ``image`` (uint8 size x
+    size), ``height``, ``width`` (the image's own size), the DICOM header's ``INFO_COLUMNS``,
+    ``has_truth``, ``status``, ``error``, and where a case has masks, for ``train``: ``mask``
+    (0/1 uint8 size x size, zeros without truth), else ``truth_png`` (the truth at full size as
+    PNG bytes, for scoring; empty without truth). With ``display`` > 0 also ``display_png``,
+    the normalised image shrunk to at most ``display`` pixels a side as PNG bytes (empty on
+    error), for overlays. Only what the next stage needs crosses Ray's object store. A failing
+    image becomes a row with ``status == "error"`` and the reason, never an exception.
+    """
+
+    def __init__(
+        self,
+        size: int,
+        store: Store = DEFAULT_STORE,
+        threads: int = 1,
+        display: int = 0,
+        train: bool = False,
+    ) -> None:
+        cv2.setNumThreads(threads)
+        self.size = size
+        self.store = store
+        self.display = display
+        self.truth = "mask" if train else "truth_png"
+
+    def _one(self, source: str, truth: list[str]) -> dict:
+        data = self.store.read_bytes(source)
+        image, info = imaging.load_image_with_info(data, source)
+        row = {
+            **asdict(info),
+            "image": imaging.resize_image(image, self.size),
+            "height": image.shape[0],
+            "width": image.shape[1],
+            self.truth: self._blank(),
+            "source_fingerprint": storage.fingerprint(data),
+            "truth_fingerprint": "",
+        }
+        if self.display:
+            row["display_png"] = imaging.encode_image(draw.downscale(image, self.display))
+        if truth:
+            files = [self.store.read_bytes(uri) for uri in truth]
+            row["truth_fingerprint"] = ";".join(map(storage.fingerprint, files))
+            mask = imaging.load_mask(files, truth)
+            if mask.shape != image.shape:
+                raise ValueError(
+                    f"mask {mask.shape[1]}x{mask.shape[0]} differs from image "
+                    f"{image.shape[1]}x{image.shape[0]}: {', '.join(truth)}"
+                )
+            if self.truth == "mask":
+                row["mask"] = imaging.resize_mask(mask, self.size, self.size)
+            else:
+                row["truth_png"] = imaging.encode_png(mask)
+        return row
+
+    def _blank(self) -> np.ndarray | bytes:
+        return np.zeros((self.size, self.size), np.uint8) if self.truth == "mask" else b""
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        rows = []
+        for source, truth in zip(batch["source"], batch["truth"], strict=True):
+            truth = [str(t) for t in truth]
+            try:
+                rows.append({**self._one(str(source), truth), "status": OK, "error": ""})
+            except Exception as exc:  # a bad image becomes an error row, never a crashed job
+                rows.append(
+                    {
+                        "image": np.zeros((self.size, self.size), np.uint8),
+                        self.truth: self._blank(),
+                        "display_png": b"",
+                        "height": -1,
+                        "width": -1,
+                        "source_fingerprint": "",
+                        "truth_fingerprint": "",
+                        **asdict(imaging.ImageInfo()),
+                        "status": ERROR,
+                        "error": f"{type(exc).__name__}: {exc}",
+                    }
+                )
+        read = ("source_fingerprint", "truth_fingerprint")
+        out = {
+            key: np.array([r[key] for r in rows])
+            for key in ("height", "width", *INFO_COLUMNS, *read, "status", "error")
+        }
+        for key in ("source_stamp", "truth_stamp"):
+            out[key] = np.asarray(batch[key]) if key in batch else np.full(len(rows), "")
+        out["image"] = np.stack([r["image"] for r in rows])
+        if self.truth == "mask":
+            out["mask"] = np.stack([r["mask"] for r in rows])
+        else:
+            out["truth_png"] = np.array([r["truth_png"] for r in rows], dtype=object)
+        if self.display:
+            out["display_png"] = np.array([r["display_png"] for r in rows], dtype=object)
+        out["id"] = batch["id"]
+        out["name"] = batch["name"]
+        out["source"] = batch["source"]
+        out["has_truth"] = np.array([len(t) > 0 for t in batch["truth"]])
+        return out
