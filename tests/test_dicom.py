@@ -20,13 +20,11 @@ import pydicom
 import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
-from pydicom.pixels import get_decoder
 from pydicom.uid import (
     MPEG2MPML,
     UID,
     DigitalXRayImageStorageForPresentation,
     ExplicitVRLittleEndian,
-    JPEGLSLossless,
     RLELossless,
 )
 
@@ -155,19 +153,7 @@ def test_voi_lut_sequence_is_applied_after_rescale() -> None:
     np.testing.assert_array_equal(imaging.load_image(data), imaging.normalise(lut[stored]))
 
 
-@pytest.mark.parametrize(
-    "syntax",
-    [
-        pytest.param(
-            JPEGLSLossless,
-            marks=pytest.mark.skipif(
-                get_decoder(JPEGLSLossless).is_available, reason="a JPEG-LS plugin is installed"
-            ),
-        ),
-        MPEG2MPML,
-    ],
-    ids=["jpeg-ls-plugin-missing", "mpeg2-no-decoder"],
-)
+@pytest.mark.parametrize("syntax", [MPEG2MPML], ids=["mpeg2-no-decoder"])
 def test_unsupported_transfer_syntax_is_named(syntax: UID) -> None:
     ds = pydicom.dcmread(io.BytesIO(dicom_bytes(np.zeros((4, 4), np.uint8))))
     ds.file_meta.TransferSyntaxUID = syntax

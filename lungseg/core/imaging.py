@@ -40,7 +40,8 @@ DICOM_MAGIC = b"DICM"
 _DICOM_HEADER = 128 + len(DICOM_MAGIC)
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 JPEG_MAGIC = b"\xff\xd8"
-_JPEG_FRAMES = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}  # SOF0-15 (not DHT, JPG, DAC)
+# SOF0-15 (not DHT, JPG, DAC), and SOF55, the frame header of JPEG-LS
+_JPEG_FRAMES = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC} | {0xF7}
 _JPEG_STANDALONE = frozenset({0x01, 0xD8})  # TEM, SOI: markers without a length
 
 MAX_JPEG_SCANS = 100
@@ -55,8 +56,41 @@ huge or forged header cannot exhaust a worker's memory."""
 _NORMALISE_CHUNK = 1 << 20  # pixels per step of normalise's float64 arithmetic
 
 
+RADIOGRAPHS = frozenset({"CR", "DX", "DR", "RG"})
+"""DICOM modalities segmented: computed and digital radiography (DR and RG as some systems
+write them)."""
+CAPTURES = frozenset({"OT", "SC", ""})
+"""Modalities (or none) of secondary captures: digitised films and screenshots, segmented where
+the header shows a projection, not a slice (:func:`_check_radiograph`)."""
+_PROJECTION_CLASSES = frozenset(
+    {
+        "1.2.840.10008.5.1.4.1.1.1",  # Computed Radiography Image Storage
+        "1.2.840.10008.5.1.4.1.1.1.1",  # Digital X-Ray Image Storage - For Presentation
+        "1.2.840.10008.5.1.4.1.1.1.1.1",  # Digital X-Ray Image Storage - For Processing
+        "1.2.840.10008.5.1.4.1.1.7",  # Secondary Capture Image Storage
+    }
+)
+_PROJECTION_XRAYS = frozenset({"MG", "IO", "PX", "XA", "RF", "DG"})
+"""Projection X-ray modalities that are not chest radiographs: mammography, dental,
+angiography, fluoroscopy."""
+NOT_FRONTAL_VIEWS = frozenset({"LL", "RL", "LLO", "RLO", "LAT", "LATERAL"})
+"""View Position values of views the model was not trained on: lateral (LL, RL, and the
+non-standard LAT) and oblique (LLO, RLO). Decubitus views (LLD, RLD) are frontal projections."""
+
+
 class ImageDecodeError(ValueError):
     """Bytes that are not a decodable image."""
+
+
+class NotFrontalError(ImageDecodeError):
+    """A radiograph of a view that is not frontal (lateral, oblique): read, not segmented.
+
+    ``info`` holds its header fields, so that its row can still say what it is.
+    """
+
+    def __init__(self, message: str, info: ImageInfo) -> None:
+        super().__init__(message)
+        self.info = info
 
 
 @dataclass(frozen=True)
@@ -99,7 +133,10 @@ def _decode(data: bytes, name: str) -> tuple[np.ndarray, ImageInfo]:
         except Exception as exc:  # absent, or not a number
             raise ImageDecodeError(f"{name}: DICOM without readable Rows and Columns") from exc
         _check_pixels(rows, columns, name)
-        return _dicom_pixels(dataset, name), _dicom_info(dataset)
+        _check_radiograph(dataset, name)
+        info = _dicom_info(dataset)
+        _check_frontal(dataset, info, name)
+        return _dicom_pixels(dataset, name), info
     if data.startswith(PNG_MAGIC):
         kind, size = "PNG", _png_size(data)
     elif data.startswith(JPEG_MAGIC):
@@ -125,6 +162,61 @@ def _check_pixels(rows: int, columns: int, name: str) -> None:
         raise ImageDecodeError(
             f"{name}: image of {columns}x{rows} pixels is larger than the limit of "
             f"{MAX_PIXELS:,} pixels"
+        )
+
+
+def _check_radiograph(dataset: Dataset, name: str) -> None:
+    """Refuse, before decoding, a DICOM that is not a radiograph: a CT or MR slice, an
+    ultrasound, a segmentation, a dose map, a mammogram would all get lung masks otherwise.
+
+    Accepted: :data:`RADIOGRAPHS`, and :data:`CAPTURES` of a projection: a radiography or
+    secondary-capture SOP class, no Image Position or Orientation (Patient) (which only a slice
+    has), and grey levels (a capture in colour is a screenshot or a photograph).
+    """
+    modality = str(dataset.get("Modality") or "").strip().upper()
+    if modality in RADIOGRAPHS:
+        return
+    accepted = "lungseg segments CR, DX and DR radiographs and secondary captures of them"
+    if modality not in CAPTURES:
+        what = "a chest radiograph" if modality in _PROJECTION_XRAYS else "a radiograph"
+        raise ImageDecodeError(f"{name}: not {what}: modality {modality} ({accepted})")
+    sop_class = str(dataset.get("SOPClassUID") or "")
+    if sop_class and sop_class not in _PROJECTION_CLASSES:
+        kind = getattr(dataset.SOPClassUID, "name", sop_class)
+        raise ImageDecodeError(f"{name}: not a radiograph: SOP class {kind} ({accepted})")
+    for keyword in ("ImagePositionPatient", "ImageOrientationPatient"):
+        if keyword in dataset:
+            raise ImageDecodeError(
+                f"{name}: not a radiograph: modality {modality or 'absent'} with the {keyword} "
+                f"of a cross-sectional slice ({accepted})"
+            )
+    photometric = str(dataset.get("PhotometricInterpretation", "")).strip().upper()
+    if photometric not in ("MONOCHROME1", "MONOCHROME2"):
+        raise ImageDecodeError(
+            f"{name}: not a radiograph: a secondary capture in colour (photometric "
+            f"interpretation {photometric or 'absent'}) ({accepted})"
+        )
+
+
+def _check_frontal(dataset: Dataset, info: ImageInfo, name: str) -> None:
+    """Refuse to segment, as if it were frontal, a lateral or oblique view: by View Position
+    (:data:`NOT_FRONTAL_VIEWS`), or where it is empty by the View Code Sequence's meaning.
+
+    Image Laterality is not a view: on a chest radiograph it names a side, if anything.
+    """
+    position = info.view_position.upper()
+    view = f"View Position {position}" if position in NOT_FRONTAL_VIEWS else ""
+    if not position:
+        for item in dataset.get("ViewCodeSequence") or []:
+            meaning = str(item.get("CodeMeaning") or "").strip()
+            words = meaning.lower()
+            if ("lateral" in words or "oblique" in words) and "decubitus" not in words:
+                view = f"view code {meaning!r}"
+    if view:
+        raise NotFrontalError(
+            f"{name}: not a frontal view ({view}): the model segments frontal (PA or AP) "
+            "chest radiographs; not segmented",
+            info,
         )
 
 

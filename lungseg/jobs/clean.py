@@ -188,7 +188,8 @@ def clean_one(
 
     The row names the written files relative to ``output``, with their fingerprints and the
     source's. ``error`` rows: unreadable or empty files, failed writes. ``flagged`` rows: a
-    constant image (nothing written) or a mask that came out empty or full (files written).
+    constant image or a lateral view (nothing written), or a mask that came out empty or full
+    (files written).
     """
     row = dict.fromkeys(SCHEMA.names) | {"id": case_id, "source": source}
     try:
@@ -205,7 +206,7 @@ def clean_one(
         for key, png in pngs.items():
             store.write_bytes(storage.join(output, key), png)
         written = {key: storage.fingerprint(png) for key, png in pngs.items()}
-    except FlaggedImage as exc:
+    except (FlaggedImage, imaging.NotFrontalError) as exc:
         return row | {"status": FLAGGED, "error": str(exc)}
     except Exception as exc:  # a bad image becomes an error row, never a crashed job
         return row | {"status": ERROR, "error": f"{type(exc).__name__}: {exc}"}

@@ -165,8 +165,9 @@ class MaskWriter:
         """
         case_id, name, source = str(batch["id"][i]), str(batch["name"][i]), str(batch["source"][i])
         read = {key: str(batch[key][i]) or None for key in _READ}
-        if batch["status"][i] != OK:
-            return _row(case_id, source, error=str(batch["error"][i]), **read)
+        if batch["status"][i] != OK:  # unread (error), or read and not for this model (flagged)
+            status, error = str(batch["status"][i]), str(batch["error"][i])
+            return _row(case_id, source, status, error, **read) | _header(batch, i)
         try:
             height, width = int(batch["height"][i]), int(batch["width"][i])
             probability = batch["probability"][i] / 255.0

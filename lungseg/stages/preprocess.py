@@ -13,7 +13,7 @@ import cv2
 import numpy as np
 
 from lungseg.core import draw, imaging
-from lungseg.core.layout import ERROR, OK
+from lungseg.core.layout import ERROR, FLAGGED, OK
 from lungseg.io import storage
 from lungseg.io.catalog import Case
 from lungseg.io.storage import DEFAULT_STORE, Store
@@ -53,7 +53,9 @@ class Preprocess:
     PNG bytes, for scoring; empty without truth). With ``display`` > 0 also ``display_png``,
     the normalised image shrunk to at most ``display`` pixels a side as PNG bytes (empty on
     error), for overlays. Only what the next stage needs crosses Ray's object store. A failing
-    image becomes a row with ``status == "error"`` and the reason, never an exception.
+    image becomes a row with ``status == "error"`` and the reason, never an exception; a
+    lateral or oblique view (:class:`lungseg.core.imaging.NotFrontalError`) one with ``status ==
+    "flagged"``, its header and the reason, and no pixels.
     """
 
     def __init__(
@@ -99,6 +101,23 @@ class Preprocess:
                 row["truth_png"] = imaging.encode_png(mask)
         return row
 
+    def _unread(
+        self, status: str, error: str, info: imaging.ImageInfo | None = None
+    ) -> dict[str, object]:
+        """The row of an image that goes no further: blank pixels, the header where known."""
+        return {
+            "image": np.zeros((self.size, self.size), np.uint8),
+            self.truth: self._blank(),
+            "display_png": b"",
+            "height": -1,
+            "width": -1,
+            "source_fingerprint": "",
+            "truth_fingerprint": "",
+            **asdict(info or imaging.ImageInfo()),
+            "status": status,
+            "error": error,
+        }
+
     def _blank(self) -> np.ndarray | bytes:
         return np.zeros((self.size, self.size), np.uint8) if self.truth == "mask" else b""
 
@@ -108,21 +127,10 @@ class Preprocess:
             truth = [str(t) for t in truth]
             try:
                 rows.append({**self._one(str(source), truth), "status": OK, "error": ""})
+            except imaging.NotFrontalError as exc:  # read, but not for this model: flagged
+                rows.append(self._unread(FLAGGED, str(exc), exc.info))
             except Exception as exc:  # a bad image becomes an error row, never a crashed job
-                rows.append(
-                    {
-                        "image": np.zeros((self.size, self.size), np.uint8),
-                        self.truth: self._blank(),
-                        "display_png": b"",
-                        "height": -1,
-                        "width": -1,
-                        "source_fingerprint": "",
-                        "truth_fingerprint": "",
-                        **asdict(imaging.ImageInfo()),
-                        "status": ERROR,
-                        "error": f"{type(exc).__name__}: {exc}",
-                    }
-                )
+                rows.append(self._unread(ERROR, f"{type(exc).__name__}: {exc}"))
         read = ("source_fingerprint", "truth_fingerprint")
         out = {
             key: np.array([r[key] for r in rows])
