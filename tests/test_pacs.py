@@ -140,6 +140,16 @@ def test_a_jpeg_ls_frame_larger_than_its_header_is_refused_before_decoding() -> 
         imaging.load_image(buffer.getvalue(), "forged.dcm")
 
 
+def test_rle_bytes_that_look_like_a_jpeg_2000_header_are_pixels() -> None:
+    """Only a JPEG or JPEG 2000 frame's start is read as a header: an RLE film whose high
+    bytes run ff 4f ff 51 (SOC, SIZ) reads, where it was once refused as a forged size."""
+    row = np.array([0xFF00, 0x4F00, 0xFF00, 0x5100, 0x0100, 0x0200, 0x0300, 0x0400] * 8)
+    stored = np.tile(row.astype(np.uint16), (64, 1))
+    data = dicom_bytes(stored, syntax=RLELossless)
+    assert b"\xff\x4f\xff\x51\x01\x02\x03\x04" in data
+    np.testing.assert_array_equal(imaging.decode(data, "rle.dcm"), stored)
+
+
 # --- only radiographs ---------------------------------------------------------------------------
 
 

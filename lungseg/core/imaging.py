@@ -360,17 +360,33 @@ _PIXELS = 0x7FE00010  # the tag of (7FE0,0010) Pixel Data
 
 
 def _embedded_size(dataset: Dataset) -> tuple[int, int] | None:
-    """``(rows, columns)`` of the first JPEG or JPEG 2000 frame in encapsulated pixel data,
-    read from its frame header (SOF, SIZ); None for other pixel data."""
-    pixels = bytes(dataset.PixelData[: 1 << 20])
-    start = pixels.find(b"\xff\xd8\xff")
-    j2k = pixels.find(b"\xff\x4f\xff\x51")
-    if j2k >= 0 and (start < 0 or j2k < start) and len(pixels) >= j2k + 22:
-        width, height, left, top = struct.unpack(">IIII", pixels[j2k + 8 : j2k + 24])
+    """``(rows, columns)`` of the first frame of encapsulated JPEG, JPEG-LS or JPEG 2000 pixel
+    data, read from the frame's own header (SOF, SIZ); None for other pixel data (RLE's
+    segments can hold any bytes) or a frame that starts with neither."""
+    frame = _first_fragment(bytes(dataset.PixelData[: 1 << 20]))
+    if frame.startswith(b"\xff\x4f\xff\x51") and len(frame) >= 24:  # SOC, then SIZ
+        width, height, left, top = struct.unpack(">IIII", frame[8:24])
         return height - top, width - left
-    if start >= 0:
-        return _jpeg_size(pixels[start:])
+    if frame.startswith(JPEG_MAGIC):
+        return _jpeg_size(frame)
     return None
+
+
+_ITEM = b"\xfe\xff\x00\xe0"  # (FFFE,E000) Item, little endian
+
+
+def _first_fragment(pixels: bytes) -> bytes:
+    """The first fragment of encapsulated pixel data (after its Basic Offset Table item), as
+    far as ``pixels`` holds it; empty when the items are not there."""
+    at = 0
+    for item in range(2):
+        if pixels[at : at + 4] != _ITEM or len(pixels) < at + 8:
+            return b""
+        length = struct.unpack("<I", pixels[at + 4 : at + 8])[0]
+        if item == 1:
+            return pixels[at + 8 : at + 8 + length]
+        at += 8 + length
+    return b""
 
 
 def _dicom_pixels(dataset: Dataset, name: str) -> np.ndarray:
