@@ -278,11 +278,6 @@ def _segment(config: SegmentConfig, session: console.Session) -> int:
     _say(f"masks: {result.output}/masks/  table: {result.table}")
     if config.overlays:
         _say(f"overlays: {result.output}/overlays/")
-    if config.dicom_seg:
-        _say(
-            f"DICOM SEG: {result.dicom_segs} in {result.output}/dicom-seg/; "
-            f"{result.not_dicom} images not DICOM got none"
-        )
     return EXIT_IMAGES_FAILED if result.failed else EXIT_OK
 
 
