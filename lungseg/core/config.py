@@ -256,6 +256,11 @@ class SegmentConfig:
         "also write OUTPUT/overlays/<name>.png: the X-ray (longest side 512) with the predicted "
         "outline and, where a ground truth exists, agreement colours",
     )
+    dicom_seg: bool = option(
+        False,
+        "also write OUTPUT/dicom-seg/<name>.dcm for each DICOM image: a DICOM Segmentation of "
+        "both lungs, in the image's study, that PACS viewers open (needs the dicom extra)",
+    )
     resume: bool = option(
         False,
         "go on with the earlier (e.g. interrupted) run in OUTPUT: keep the images it did whose "

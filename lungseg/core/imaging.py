@@ -122,8 +122,9 @@ def decode(data: bytes, name: str = "image") -> np.ndarray:
     return _decode(data, name)[0]
 
 
-def _decode(data: bytes, name: str) -> tuple[np.ndarray, ImageInfo]:
-    """:func:`decode`, and the DICOM header fields (an empty :class:`ImageInfo` for PNG/JPEG)."""
+def _decode(data: bytes, name: str) -> tuple[np.ndarray, ImageInfo, Dataset | None]:
+    """:func:`decode`, the DICOM header fields (an empty :class:`ImageInfo` for PNG/JPEG) and
+    the parsed DICOM dataset (None for PNG/JPEG)."""
     if not data:
         raise ImageDecodeError(f"{name}: empty file (0 bytes)")
     if is_dicom(data):
@@ -136,7 +137,7 @@ def _decode(data: bytes, name: str) -> tuple[np.ndarray, ImageInfo]:
         _check_radiograph(dataset, name)
         info = _dicom_info(dataset)
         _check_frontal(dataset, info, name)
-        return _dicom_pixels(dataset, name), info
+        return _dicom_pixels(dataset, name), info, dataset
     if data.startswith(PNG_MAGIC):
         kind, size = "PNG", _png_size(data)
     elif data.startswith(JPEG_MAGIC):
@@ -153,7 +154,7 @@ def _decode(data: bytes, name: str) -> tuple[np.ndarray, ImageInfo]:
     array = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_ANYDEPTH | cv2.IMREAD_ANYCOLOR)
     if array is None or array.size == 0:
         raise ImageDecodeError(f"{name}: corrupt or truncated {kind} ({len(data)} bytes)")
-    return array, ImageInfo()
+    return array, ImageInfo(), None
 
 
 def _check_pixels(rows: int, columns: int, name: str) -> None:
@@ -633,8 +634,41 @@ def load_image(data: bytes, name: str = "image") -> np.ndarray:
 
 def load_image_with_info(data: bytes, name: str = "image") -> tuple[np.ndarray, ImageInfo]:
     """:func:`load_image`, and the image's DICOM header fields."""
-    pixels, info = _decode(data, name)
+    pixels, info, _ = _decode(data, name)
     return normalise(to_grayscale(pixels)), info
+
+
+def load_image_with_header(data: bytes, name: str = "image") -> tuple[np.ndarray, ImageInfo, bytes]:
+    """:func:`load_image_with_info`, and a DICOM image's header as a DICOM file without its pixel
+    data (:func:`dicom_header`; empty for PNG/JPEG): parsed once, with the pixels, for a DICOM
+    Segmentation that references the image and copies its patient and study."""
+    pixels, info, dataset = _decode(data, name)
+    header = b"" if dataset is None else dicom_header(dataset)
+    return normalise(to_grayscale(pixels)), info, header
+
+
+_PIXEL_GROUP = 0x7FE0  # (7FE0,0010) Pixel Data, and its float and double float kinds
+_OVERLAY_GROUPS = (0x6000, 0x60FF)  # overlay planes (60xx,xxxx), with their bitmaps
+
+
+def dicom_header(dataset: Dataset) -> bytes:
+    """A parsed DICOM image as a small DICOM file (explicit VR little endian) without its bulk:
+    the pixel data, the overlay planes and the icon image are removed from ``dataset``. A few
+    kilobytes, where the film is megabytes: what crosses Ray's object store to the writer."""
+    import pydicom
+    from pydicom.dataset import FileDataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian
+
+    for tag in list(dataset.keys()):
+        if tag.group == _PIXEL_GROUP or (_OVERLAY_GROUPS[0] <= tag.group <= _OVERLAY_GROUPS[1]):
+            del dataset[tag]
+    dataset.pop("IconImageSequence", None)
+    meta = FileMetaDataset(dataset.file_meta)
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    header = FileDataset("", dataset, preamble=b"\0" * 128, file_meta=meta)
+    buffer = io.BytesIO()
+    pydicom.dcmwrite(buffer, header, implicit_vr=False, little_endian=True)
+    return buffer.getvalue()
 
 
 def load_mask(files: list[bytes], names: list[str]) -> np.ndarray:

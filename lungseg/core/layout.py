@@ -25,6 +25,9 @@ SEGMENT_TABLE = "segmentation.parquet"
 MASKS_DIR = "masks"
 LABELS_DIR = "labels"
 OVERLAYS_DIR = "overlays"
+DICOM_SEG_DIR = "dicom-seg"
+NO_DICOM_SEG = "no DICOM SEG written"
+"""The start of the ``error`` of a ``flagged`` DICOM image whose SEG could not be made."""
 SUMMARY_FILE = "summary.json"
 # report (beside a segment output)
 REPORT_FILE = "report.html"
@@ -81,12 +84,13 @@ SEGMENT = Layout(
         MASKS_DIR,
         LABELS_DIR,
         OVERLAYS_DIR,
+        DICOM_SEG_DIR,
         SUMMARY_FILE,
         REPORT_FILE,
         REPORT_ASSETS,
     ),
     SEGMENT_TABLE,
-    ("mask", "labels", "overlay"),
+    ("mask", "labels", "overlay", "dicom_seg"),
 )
 """A segment or evaluate job's output root, and the report written into it."""
 CLEAN = Layout(

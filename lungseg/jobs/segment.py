@@ -27,13 +27,15 @@ import cv2
 import numpy as np
 import pyarrow as pa
 
-from lungseg.core import draw, imaging, qc
+from lungseg.core import dicomseg, draw, imaging, qc
 from lungseg.core.config import BUNDLED_MODEL, SegmentConfig
 from lungseg.core.layout import (
+    DICOM_SEG_DIR,
     ERROR,
     FLAGGED,
     LABELS_DIR,
     MASKS_DIR,
+    NO_DICOM_SEG,
     NO_TRUTH,
     OK,
     OVERLAYS_DIR,
@@ -62,6 +64,7 @@ SCHEMA = pa.schema(
         ("mask", pa.string()),
         ("labels", pa.string()),
         ("overlay", pa.string()),
+        ("dicom_seg", pa.string()),
         ("height", pa.int32()),
         ("width", pa.int32()),
         ("modality", pa.string()),
@@ -91,6 +94,7 @@ SCHEMA = pa.schema(
         ("mask_fingerprint", pa.string()),
         ("labels_fingerprint", pa.string()),
         ("overlay_fingerprint", pa.string()),
+        ("dicom_seg_fingerprint", pa.string()),
     ]
 )
 
@@ -107,6 +111,8 @@ class SegmentResult:
     resumed: int  # rows kept from an earlier run (``resume``)
     mean_dice: float | None
     review: int = 0  # masks quality control sent to review (``qc``)
+    dicom_segs: int = 0  # DICOM SEG objects written (``dicom_seg``)
+    not_dicom: int = 0  # images segmented without one, not being DICOM (with ``dicom_seg``)
 
 
 def tensorflow_threads(intra_op: int) -> None:
@@ -126,8 +132,9 @@ def tensorflow_threads(intra_op: int) -> None:
 class MaskWriter:
     """How a batch of probabilities becomes files and table rows under ``output``: cut at
     ``threshold``, scored by quality control in ``calibration``'s units, with an overlay each
-    when ``overlays``; ``truth_required`` (ground-truth masks were given) flags an image
-    without one."""
+    when ``overlays``, with a DICOM Segmentation of each DICOM image drawn by ``dicom_seg``
+    when given; ``truth_required`` (ground-truth masks were given) flags an image without
+    one."""
 
     output: str
     threshold: float
@@ -135,11 +142,14 @@ class MaskWriter:
     store: Store
     overlays: bool = False
     truth_required: bool = False
+    dicom_seg: dicomseg.Algorithm | None = None
 
     def keys(self, name: str) -> list[str]:
-        """The files written for the case whose output name is ``name``, relative to the root."""
+        """The files that may be written for the case whose output name is ``name``, relative
+        to the root (a SEG only where the image turns out to be DICOM)."""
         folders = (MASKS_DIR, LABELS_DIR, *((OVERLAYS_DIR,) if self.overlays else ()))
-        return [f"{folder}/{name}.png" for folder in folders]
+        seg = [f"{DICOM_SEG_DIR}/{name}.dcm"] if self.dicom_seg is not None else []
+        return [f"{folder}/{name}.png" for folder in folders] + seg
 
     def _write(self, key: str, data: bytes) -> str:
         """Write one file under the root; its fingerprint."""
@@ -156,12 +166,15 @@ class MaskWriter:
         the output root, and their fingerprints. ``lung_area_mm2`` (and its ``right_``/``left_``
         parts) is the pixel count times the pixel area (row x column spacing), null where the
         spacing is unknown. With ``overlays`` (the batch then has ``display_png``), the overlay
-        goes to ``overlays/<name>.png``. ``qc_score``, ``qc`` (``ok`` or ``review``) and
-        ``qc_reason`` come from :func:`lungseg.core.qc.assess`, with ``second`` the probabilities of
-        the image's second view. An implausible mask (:func:`lungseg.core.qc.implausible`: no lung,
-        one lung, far too much or too little) is also ``flagged`` with the reasons in
-        ``error``, as is an empty ground truth (not scored) and, with ``truth_required``, an
-        image without one.
+        goes to ``overlays/<name>.png``. With ``dicom_seg`` (the batch then has
+        ``dicom_header``), a DICOM image's labels also go to ``dicom-seg/<name>.dcm``
+        (:func:`lungseg.core.dicomseg.segmentation`); one that cannot be made (a header without
+        the UIDs to reference) flags the image, its PNGs written. ``qc_score``, ``qc`` (``ok``
+        or ``review``) and ``qc_reason`` come from :func:`lungseg.core.qc.assess`, with
+        ``second`` the probabilities of the image's second view. An implausible mask
+        (:func:`lungseg.core.qc.implausible`: no lung, one lung, far too much or too little) is
+        also ``flagged`` with the reasons in ``error``, as is an empty ground truth (not scored)
+        and, with ``truth_required``, an image without one.
         """
         case_id, name, source = str(batch["id"][i]), str(batch["name"][i]), str(batch["source"][i])
         read = {key: str(batch[key][i]) or None for key in _READ}
@@ -177,11 +190,19 @@ class MaskWriter:
             doubts = list(quality.reasons) if quality.implausible else []
             mask = imaging.resize_mask(small, height, width)
             split = imaging.lungs_split(small)
-            mask_key, labels_key, *overlay_key = self.keys(name)
+            mask_key, labels_key, *more = self.keys(name)
             row = _row(case_id, source, OK, mask=mask_key, labels=labels_key, **read)
             row["mask_fingerprint"] = self._write(mask_key, imaging.encode_png(mask))
-            labels = imaging.encode_image(imaging.lung_labels(mask, split))
-            row["labels_fingerprint"] = self._write(labels_key, labels)
+            labels = imaging.lung_labels(mask, split)
+            row["labels_fingerprint"] = self._write(labels_key, imaging.encode_image(labels))
+            if self.dicom_seg is not None and len(batch["dicom_header"][i]):
+                try:
+                    seg = dicomseg.segmentation(batch["dicom_header"][i], labels, self.dicom_seg)
+                except Exception as exc:  # a header that cannot be referenced: the PNGs stand
+                    doubts.append(f"{NO_DICOM_SEG}: {exc}")
+                else:
+                    row["dicom_seg"] = more[-1]
+                    row["dicom_seg_fingerprint"] = self._write(more[-1], seg)
             right = imaging.right_columns(width, split)
             pixels = {"": cv2.countNonZero(mask), "right_": cv2.countNonZero(mask[:, :right])}
             pixels["left_"] = pixels[""] - pixels["right_"]
@@ -213,10 +234,10 @@ class MaskWriter:
                 row |= {"dice": counts.dice, "iou": counts.iou}
             if doubts:
                 row |= {"status": FLAGGED, "error": "; ".join(doubts)}
-            if overlay_key:
-                row["overlay"] = overlay_key[0]
+            if self.overlays:
+                row["overlay"] = more[0]
                 picture = _overlay(batch["display_png"][i], mask, truth)
-                row["overlay_fingerprint"] = self._write(overlay_key[0], picture)
+                row["overlay_fingerprint"] = self._write(more[0], picture)
             return row
         except Exception as exc:  # a bad image becomes an error row, never a crashed job
             return _row(case_id, source, error=f"{type(exc).__name__}: {exc}", **read)
@@ -377,6 +398,7 @@ class SegmentPlan:
             "precision": config.precision,
             "batch_size": config.batch_size,
             "overlays": config.overlays,
+            "dicom_seg": config.dicom_seg,
         }
 
     def writer(self) -> MaskWriter:
@@ -388,6 +410,9 @@ class SegmentPlan:
             store=self.store,
             overlays=config.overlays,
             truth_required=config.masks is not None,
+            dicom_seg=dicomseg.Algorithm(self.model.sha256, self.model.size, config.threshold)
+            if config.dicom_seg
+            else None,
         )
 
     def pools(self) -> tuple[pipeline.Pool, pipeline.Pool]:
@@ -421,10 +446,12 @@ def plan_segmentation(
 ) -> SegmentPlan:
     """Everything of a segment job that needs no Ray, checked before any work: where it reads
     and writes (apart), the model (loaded once, here, and refused in one line unless it maps one
-    X-ray to one map of probabilities), the catalog. ``reads`` adds to what the job reads (an
-    evaluation's split file)."""
+    X-ray to one map of probabilities), the catalog, and with ``dicom_seg`` highdicom.
+    ``reads`` adds to what the job reads (an evaluation's split file)."""
     from lungseg.model.unet import load_checked
 
+    if config.dicom_seg:
+        dicomseg.require()
     store = Store.for_job(config.s3_endpoint)
     reads = {"--input": config.input, "--masks": config.masks, "--model": config.model} | (
         reads or {}
@@ -486,7 +513,12 @@ def segment_cases(
     if todo:
         claim.plan(key for case in todo for key in writer.keys(case.name))
         rows = pipeline.preprocessed(
-            todo, plan.model.size, preprocess, store, draw.DISPLAY_SIZE if config.overlays else 0
+            todo,
+            plan.model.size,
+            preprocess,
+            store,
+            draw.DISPLAY_SIZE if config.overlays else 0,
+            header=config.dicom_seg,
         )
         pipeline.bound_queue(rows)
         rows = rows.map_batches(
@@ -513,11 +545,18 @@ def segment_cases(
             )
     dice: list[float] = []
     review = 0
+    segs = {"written": 0, "not_dicom": 0}
 
     def account(rows: pa.Table) -> None:  # every row, kept ones too, passes here once
         nonlocal review
         dice.extend(d for d in rows["dice"].to_pylist() if d is not None)
         review += rows["qc"].to_pylist().count(REVIEW)
+        if config.dicom_seg:
+            for row in rows.select(["dicom_seg", "status", "error"]).to_pylist():
+                if row["dicom_seg"] is not None:
+                    segs["written"] += 1
+                elif row["status"] != ERROR and NO_DICOM_SEG not in (row["error"] or ""):
+                    segs["not_dicom"] += 1
         progress.advance(rows.num_rows, rows["status"].to_pylist().count(ERROR))
 
     progress.start("segment", len(plan.cases))
@@ -533,6 +572,14 @@ def segment_cases(
     )
     progress.finish()
     claim.record(SEGMENT_TABLE)
+    if config.dicom_seg:
+        logger.info(
+            "dicom-seg: %d DICOM SEG objects in %s/%s/; %d images are not DICOM and got none",
+            segs["written"],
+            config.output,
+            DICOM_SEG_DIR,
+            segs["not_dicom"],
+        )
     return SegmentResult(
         output=config.output,
         table=table_uri,
@@ -542,6 +589,8 @@ def segment_cases(
         resumed=len(kept),
         mean_dice=float(np.mean(dice)) if dice else None,
         review=review,
+        dicom_segs=segs["written"],
+        not_dicom=segs["not_dicom"],
     )
 
 
@@ -556,7 +605,11 @@ def resumable(plan: SegmentPlan, table_uri: str) -> list[dict]:
     row done again, as does a mask file that was cut short or changed."""
     by_id = {case.id: case for case in plan.cases}
     listing = plan.store.listing(plan.config.output)
-    files = ("mask", "labels", "overlay") if plan.config.overlays else ("mask", "labels")
+    always = ("mask", "labels", "overlay") if plan.config.overlays else ("mask", "labels")
+
+    def files(row: dict) -> tuple[str, ...]:  # a SEG where the earlier run wrote one
+        return (*always, "dicom_seg") if row["dicom_seg"] is not None else always
+
     candidates = [
         (row, by_id[row["id"]])
         for row in table.previous_rows(table_uri, SCHEMA, plan.store)
@@ -564,7 +617,9 @@ def resumable(plan: SegmentPlan, table_uri: str) -> list[dict]:
         and row["source"] == by_id[row["id"]].image
         and row["status"] != ERROR
         and (row["overlay"] is not None) == plan.config.overlays
-        and all(row[f] and listing.get(row[f]) == _size(row[f"{f}_fingerprint"]) for f in files)
+        and all(
+            row[f] and listing.get(row[f]) == _size(row[f"{f}_fingerprint"]) for f in files(row)
+        )
     ]
 
     def unchanged(pair: tuple[dict, catalog.Case]) -> dict | None:
@@ -582,7 +637,7 @@ def resumable(plan: SegmentPlan, table_uri: str) -> list[dict]:
                     )
                     if now != (row[f"{key}_fingerprint"] or ""):
                         return None
-            for f in files:
+            for f in files(row):
                 data = plan.store.read_bytes(storage.join(plan.config.output, row[f]))
                 if storage.fingerprint(data) != row[f"{f}_fingerprint"]:
                     return None

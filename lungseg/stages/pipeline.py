@@ -222,13 +222,16 @@ def preprocessed(
     store: Store = storage.DEFAULT_STORE,
     display: int = 0,
     train: bool = False,
+    header: bool = False,
 ) -> ray.data.Dataset:
     """A lazy dataset of preprocessed cases, decoded in an actor ``pool`` of
-    :class:`lungseg.stages.preprocess.Preprocess` (``display``, ``train``: its columns)."""
+    :class:`lungseg.stages.preprocess.Preprocess` (``display``, ``train``, ``header``: its
+    columns)."""
     batch_size = task_batch(len(cases), pool.max_size)
+    settings = {"display": display, "train": train, "header": header}
     return case_dataset(cases, batch_size).map_batches(
         Preprocess,
-        fn_constructor_kwargs={"size": size, "store": store, "display": display, "train": train},
+        fn_constructor_kwargs={"size": size, "store": store, **settings},
         compute=pool.strategy(),
         batch_size=batch_size,
         num_cpus=pool.cpus,

@@ -52,10 +52,12 @@ class Preprocess:
     (0/1 uint8 size x size, zeros without truth), else ``truth_png`` (the truth at full size as
     PNG bytes, for scoring; empty without truth). With ``display`` > 0 also ``display_png``,
     the normalised image shrunk to at most ``display`` pixels a side as PNG bytes (empty on
-    error), for overlays. Only what the next stage needs crosses Ray's object store. A failing
-    image becomes a row with ``status == "error"`` and the reason, never an exception; a
-    lateral or oblique view (:class:`lungseg.core.imaging.NotFrontalError`) one with ``status ==
-    "flagged"``, its header and the reason, and no pixels.
+    error), for overlays. With ``header``, also ``dicom_header``: a DICOM image's header without
+    its pixel data, as a small DICOM file (empty for PNG/JPEG and on error), for the DICOM
+    Segmentation that references it. Only what the next stage needs crosses Ray's object
+    store. A failing image becomes a row with ``status == "error"`` and the reason, never an
+    exception; a lateral or oblique view (:class:`lungseg.core.imaging.NotFrontalError`) one
+    with ``status == "flagged"``, its header fields and the reason, and no pixels.
     """
 
     def __init__(
@@ -65,17 +67,23 @@ class Preprocess:
         threads: int = 1,
         display: int = 0,
         train: bool = False,
+        header: bool = False,
     ) -> None:
         cv2.setNumThreads(threads)
         self.size = size
         self.store = store
         self.display = display
+        self.header = header
         self.truth = "mask" if train else "truth_png"
 
     def _one(self, source: str, truth: list[str]) -> dict:
         data = self.store.read_bytes(source)
-        image, info = imaging.load_image_with_info(data, source)
+        if self.header:
+            image, info, header = imaging.load_image_with_header(data, source)
+        else:
+            (image, info), header = imaging.load_image_with_info(data, source), b""
         row = {
+            "dicom_header": header,
             **asdict(info),
             "image": imaging.resize_image(image, self.size),
             "height": image.shape[0],
@@ -109,6 +117,7 @@ class Preprocess:
             "image": np.zeros((self.size, self.size), np.uint8),
             self.truth: self._blank(),
             "display_png": b"",
+            "dicom_header": b"",
             "height": -1,
             "width": -1,
             "source_fingerprint": "",
@@ -143,8 +152,9 @@ class Preprocess:
             out["mask"] = np.stack([r["mask"] for r in rows])
         else:
             out["truth_png"] = np.array([r["truth_png"] for r in rows], dtype=object)
-        if self.display:
-            out["display_png"] = np.array([r["display_png"] for r in rows], dtype=object)
+        for key, wanted in (("display_png", self.display), ("dicom_header", self.header)):
+            if wanted:
+                out[key] = np.array([r[key] for r in rows], dtype=object)
         out["id"] = batch["id"]
         out["name"] = batch["name"]
         out["source"] = batch["source"]
