@@ -19,6 +19,7 @@ from lungseg.jobs.benchmark import (
     replicate,
     run_benchmark,
     session_processes,
+    tfdata_goal,
 )
 from lungseg.jobs.benchmark.baselines import StageCosts
 from tests.conftest import SAMPLE_IDS, copy_sample
@@ -75,6 +76,11 @@ def test_replicate_resizes_to_hospital_films(tmp_path):
     assert films[0].read_bytes() == films[2].read_bytes()
 
 
+def testtfdata_goal_by_image_count():
+    goals = [tfdata_goal(n) for n in (4, 399, 400, 1999, 2000, 1_000_000)]
+    assert goals == [0.9, 0.9, 0.9, 0.9, 1.0, 1.0]
+
+
 def test_stage_costs_sum_to_a_ceiling():
     costs = StageCosts(decode=30.0, preprocess=5.0, model=45.0, write=20.0)
     assert costs.total == 100.0
@@ -90,7 +96,7 @@ def test_benchmark_runs_every_stage_at_tiny_sizes(tmp_path, model_path):
             input=str(root),
             output=str(tmp_path / "out"),
             model=model_path,
-            films=8,
+            films=(4,),
             film_size=1024,
             images=8,
             preprocess_images=8,
@@ -104,9 +110,11 @@ def test_benchmark_runs_every_stage_at_tiny_sizes(tmp_path, model_path):
     saved = json.loads(Path(result.json).read_text())
     stages = [row["stage"] for row in saved["rows"]]
     assert stages == [
-        "hospital images (1024 px), whole process",
-        "hospital images (1024 px), in process",
+        "hospital images (1024 px), 4, whole process",
+        "hospital images (1024 px), 4, whole process, tf.data",
+        "hospital images (1024 px), 4, in process",
         "inference (512 px images), whole process",
+        "inference (512 px images), whole process, tf.data",
         "preprocessing",
         "memory",
         "training",
@@ -115,11 +123,16 @@ def test_benchmark_runs_every_stage_at_tiny_sizes(tmp_path, model_path):
         assert row["baseline_value"] > 0 and row["value"] > 0 and row["ratio"] > 0
         assert isinstance(row["met"], bool) and row["goal"][:2] in (">=", "<=")
         assert 0 <= row["idle"] <= 1
-    films = [row for row in saved["rows"] if "films" in row["stage"]]
+    films = [row for row in saved["rows"] if row["stage"].startswith(("hospital", "inference"))]
+    assert len(films) == 5
     assert all(
         row["ceiling"] > 0 and row["share"] == round(row["value"] / row["ceiling"], 2)
         for row in films
     )
+    peers = [row["baseline"] for row in films if "whole process" in row["stage"]]
+    assert peers == ["plain loop", "tf.data pipeline"] * 2
+    tfdata = [row["goal"] for row in films if row["baseline"] == "tf.data pipeline"]
+    assert tfdata == [">= 0.90", ">= 0.90"]
     for costs in saved["costs"].values():
         for side in ("pipeline", "loop"):
             assert costs[side]["total"] == pytest.approx(
@@ -130,5 +143,5 @@ def test_benchmark_runs_every_stage_at_tiny_sizes(tmp_path, model_path):
     assert all(f"| {stage} |" in table for stage in stages)
     assert "| ceiling on 2 cores |" in table
     # Without the segment stages (--stages preprocessing,memory) there is no step table.
-    alone = format_table(dataclasses.replace(result, rows=result.rows[3:], costs={}))
+    alone = format_table(dataclasses.replace(result, rows=result.rows[5:], costs={}))
     assert "| preprocessing |" in alone and "core-ms per image |" not in alone

@@ -420,9 +420,10 @@ BENCHMARK_STAGES = ("hospital", "inference", "preprocessing", "memory", "trainin
 class BenchmarkConfig:
     """Settings of ``lungseg benchmark`` (:mod:`lungseg.jobs.benchmark`).
 
-    ``input`` is a local root of X-rays (its masks feed the training row); ``films`` of them,
-    resized to ``film_size`` pixels, are the hospital-size images; ``images`` the 512 px images
-    of the inference row, ``preprocess_images`` those of the preprocessing row,
+    ``input`` is a local root of X-rays (its masks feed the training row); ``films`` of them
+    (a row of each count), resized to ``film_size`` pixels, are the hospital-size images;
+    ``images`` the 512 px images of the inference row, ``preprocess_images`` those of the
+    preprocessing row,
     ``memory_images`` the small and the large set of the memory row; ``train_model`` the U-Net
     trained in the training row; ``rounds`` how often each side runs (its best counts).
     """
@@ -430,7 +431,9 @@ class BenchmarkConfig:
     input: str = option(SAMPLE, "local root of X-rays to copy")
     output: str = option(DEFAULT_BENCHMARK_OUTPUT, "folder of benchmark.json")
     model: str = option(BUNDLED_MODEL, ".keras model of the inference rows")
-    films: int = option(400, "hospital-size images")
+    films: tuple[int, ...] = option(
+        (400,), "comma-separated counts of hospital-size images (e.g. 400,2000)", parse=_counts
+    )
     film_size: int = option(2048, "pixels a side of the hospital-size images")
     images: int = option(1000, "512 px images of the inference row")
     preprocess_images: int = option(10000, "images of the preprocessing row")
@@ -457,7 +460,7 @@ class BenchmarkConfig:
         )
         _check(
             min(
-                self.films,
+                *self.films,
                 self.images,
                 self.preprocess_images,
                 self.train_images,

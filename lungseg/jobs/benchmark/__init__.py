@@ -4,9 +4,10 @@ Every row is a ratio of two measurements taken in one run on the same inputs (re
 replicated under new ids, or resized to hospital images), the two sides alternating ``rounds``
 times with each side's best kept, because shared machines are noisy:
 
-1. hospital images (2048 px), whole process: the loop as its own process
-   (:mod:`lungseg.jobs.benchmark.baselines`) against ``lungseg segment`` as its own process, Ray's
-   start included; and in-process (Ray already running here), images/s;
+1. hospital images (2048 px, at each of ``films``' counts), whole process: the loop and the
+   tf.data pipeline a Keras user writes, each as its own process
+   (:mod:`lungseg.jobs.benchmark.baselines`), against ``lungseg segment`` as its own process,
+   Ray's start included; and in-process (Ray already running here), images/s;
 2. inference, 512 px images, whole process, images/s;
 3. preprocessing: the Preprocess steps in a loop against the Ray Data actor pool, images/s;
 4. training: the second of two epochs of ``model.fit`` against the training job's loop on Ray
@@ -30,6 +31,7 @@ import sys
 import tempfile
 from collections.abc import Sequence
 from dataclasses import asdict, replace
+from functools import partial
 from pathlib import Path
 
 import ray
@@ -111,43 +113,62 @@ def _process(*command: str) -> None:
 
 
 def _whole_process_sides(config: BenchmarkConfig, folder: Path, work: Path) -> dict:
-    """The loop and the segment job, each as a process of its own: interpreter, imports,
-    model loading and (for the job) Ray's start included."""
-    loop = [sys.executable, "-m", "lungseg.jobs.benchmark.baselines", str(folder)]
-    loop += [str(work / f"{folder.name}-loop"), config.model, str(config.batch_size)]
+    """The loop, the tf.data pipeline and the segment job, each as a process of its own:
+    interpreter, imports, model loading and (for the job) Ray's start included."""
+    sides = {}
+    for peer, name in (("loop", "plain loop"), ("tfdata", "tf.data pipeline")):
+        command = [sys.executable, "-m", "lungseg.jobs.benchmark.baselines", peer, str(folder)]
+        command += [str(work / f"{folder.name}-{peer}"), config.model, str(config.batch_size)]
+        sides[f"{name}, own process"] = partial(_process, *command)
     job = [sys.executable, "-m", "lungseg", "segment", "-q", "--overwrite", "--input"]
     job += [str(folder), "--output", str(work / f"{folder.name}-ray"), "--model", config.model]
     job += ["--batch-size", str(config.batch_size), *(["--gpu"] if config.use_gpu else [])]
-    return {
-        "plain loop, own process": lambda: _process(*loop),
-        "lungseg segment, own process": lambda: _process(*job),
-    }
+    sides["lungseg segment, own process"] = partial(_process, *job)
+    return sides
+
+
+TFDATA_GOAL = {400: 0.9, 2000: 1.0}
+"""The segment job's rate over the tf.data pipeline's, whole process, by image count: Ray's
+fixed costs weigh more on fewer images. A row takes the goal of the largest count at or below
+its own (the smallest count's below it)."""
+
+
+def tfdata_goal(count: int) -> float:
+    below = [goal for n, goal in sorted(TFDATA_GOAL.items()) if n <= count]
+    return below[-1] if below else min(TFDATA_GOAL.values())
 
 
 def _film_rows(
     config: BenchmarkConfig, name: str, folder: Path, work: Path, costs: StageCosts, goal: float
 ) -> list[Row]:
-    """The whole-process row of ``folder``'s images, and for the hospital images the in-process
-    row too."""
+    """The whole-process rows of ``folder``'s images (the job against the loop and against the
+    tf.data pipeline, from one alternation of the three), and for the hospital images the
+    in-process row too."""
     cores = pipeline.cluster().cpus
     count = len(list(folder.iterdir()))
     ceiling = costs.ceiling(cores)
-    runs = alternate(config.rounds, _whole_process_sides(config, folder, work))
-    rates = (count / runs[0].seconds, count / runs[1].seconds)
+    loop, tfdata, job = alternate(config.rounds, _whole_process_sides(config, folder, work))
+    note = (
+        f"{count} images, batch {config.batch_size}, masks written at full size; each side "
+        f"a process of its own (the job's Ray start, about {_ray_start_seconds():.0f} s here, "
+        "included)"
+    )
     rows = [
         make_row(
-            f"{name}, whole process",
-            ("plain loop", "lungseg segment"),
+            f"{name}{suffix}",
+            (peer, "lungseg segment"),
             "images/s",
-            runs,
-            rates,
-            goal,
+            (runs, job),
+            (count / runs.seconds, count / job.seconds),
+            row_goal,
             True,
-            f"{count} images, batch {config.batch_size}, masks written at full size; each side "
-            f"a process of its own (the job's Ray start, about "
-            f"{_ray_start_seconds():.0f} s here, included)",
+            note,
             cores,
             ceiling,
+        )
+        for suffix, peer, runs, row_goal in (
+            (", whole process", "plain loop", loop, goal),
+            (", whole process, tf.data", "tf.data pipeline", tfdata, tfdata_goal(count)),
         )
     ]
     if name.startswith("hospital"):
@@ -199,6 +220,8 @@ def _ray_start_seconds() -> float:
             text=True,
             env={**os.environ, "RAY_ADDRESS": "local"},
         )
+        if done.returncode or not done.stdout.strip():
+            raise RuntimeError(f"timing ray.init failed ({done.returncode}): {done.stderr[-2000:]}")
         _RAY_START.append(float(done.stdout.strip().splitlines()[-1]))
     return _RAY_START[0]
 
@@ -372,24 +395,34 @@ def run_benchmark(config: BenchmarkConfig) -> BenchmarkResult:
     rows, costs = [], {}
     try:
         films = {
-            f"hospital images ({config.film_size} px)": (
-                replicate(sources, config.films, work / "hospital", config.film_size),
-                1.2,
-            ),
-            "inference (512 px images)": (replicate(sources, config.images, work / "films"), 1.0),
+            "hospital": {
+                f"hospital images ({config.film_size} px), {count:,}": (
+                    replicate(sources, count, work / f"hospital-{count}", config.film_size),
+                    1.2,
+                )
+                for count in config.films
+            },
+            "inference": {
+                "inference (512 px images)": (
+                    replicate(sources, config.images, work / "films"),
+                    1.0,
+                )
+            },
         }
         for stage in config.stages:
             logger.info("%s:", stage)
-            if stage in ("hospital", "inference"):
-                name = next(n for n in films if n.startswith(stage))
-                folder, goal = films[name]
-                sample = sorted(str(p) for p in folder.iterdir())[: 4 * config.batch_size]
-                measured = {
-                    side: stage_costs(sample, config.model, config.batch_size, p, work / "costs")
-                    for side, p in (("pipeline", precision), ("loop", "float32"))
-                }
-                costs[name] = {side: c.to_dict() for side, c in measured.items()}
-                rows.extend(_film_rows(config, name, folder, work, measured["pipeline"], goal))
+            if stage in films:
+                for name, (folder, goal) in films[stage].items():
+                    sample = sorted(str(p) for p in folder.iterdir())[: 4 * config.batch_size]
+                    measured = {
+                        side: stage_costs(
+                            sample, config.model, config.batch_size, p, work / "costs"
+                        )
+                        for side, p in (("pipeline", precision), ("loop", "float32"))
+                    }
+                    costs[name] = {side: c.to_dict() for side, c in measured.items()}
+                    pipe = measured["pipeline"]
+                    rows.extend(_film_rows(config, name, folder, work, pipe, goal))
             elif stage == "preprocessing":
                 folder = replicate(sources, config.preprocess_images, work / "preprocessing")
                 rows.append(_preprocessing_row(config, folder, size))

@@ -1,8 +1,10 @@
-"""The plain loops a user would write instead of lungseg's Ray jobs, the inputs they run on,
-and the cost of each step of segmenting one image (the ceiling a pipeline could reach).
+"""The plain loops and the tf.data pipeline a user would write instead of lungseg's Ray jobs,
+the inputs they run on, and the cost of each step of segmenting one image (the ceiling a
+pipeline could reach).
 
-``python -m lungseg.jobs.benchmark.baselines FOLDER OUTPUT MODEL BATCH`` runs the segmenting loop
-as a process of its own, to time it whole (imports and model loading included) beside the job.
+``python -m lungseg.jobs.benchmark.baselines loop|tfdata FOLDER OUTPUT MODEL BATCH`` runs the
+segmenting loop or the tf.data pipeline as a process of its own, to time it whole (imports and
+model loading included) beside the job.
 """
 
 from __future__ import annotations
@@ -142,6 +144,44 @@ def plain_segment(paths: Sequence[str], model_uri: str, output: Path, batch_size
             _write_mask(path, image, p, s, calibration, output)
 
 
+def tfdata_segment(paths: Sequence[str], model_uri: str, output: Path, batch_size: int) -> None:
+    """The tf.data pipeline a Keras user writes in fifteen lines: files decoded and resized in
+    parallel by ``map(..., num_parallel_calls=AUTOTUNE)``, batched and prefetched, then
+    ``predict_on_batch``, the cut at segment's threshold, the mask resized back and written.
+
+    No quality control, no labels, no min-max stretch: the strongest peer, doing the least.
+    """
+    import tensorflow as tf
+
+    model, _ = _load(model_uri)
+    size = int(model.input_shape[1])
+    threshold = SegmentConfig.threshold
+    output.mkdir(parents=True, exist_ok=True)
+
+    def load(path: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        image = tf.io.decode_image(tf.io.read_file(path), channels=1, expand_animations=False)
+        small = tf.image.resize(image, (size, size), method="area")
+        return tf.cast(tf.round(small), tf.uint8), tf.shape(image)[:2]
+
+    data = (
+        tf.data.Dataset.from_tensor_slices(list(paths))
+        .map(load, num_parallel_calls=tf.data.AUTOTUNE)
+        .batch(batch_size)
+        .prefetch(tf.data.AUTOTUNE)
+    )
+    names = iter(paths)
+    for images, shapes in data:
+        probabilities = np.asarray(model.predict_on_batch(images))[..., 0]
+        for probability, (height, width) in zip(probabilities, shapes.numpy(), strict=True):
+            mask = (probability >= threshold).astype(np.uint8) * 255
+            mask = cv2.resize(mask, (int(width), int(height)), interpolation=cv2.INTER_NEAREST)
+            cv2.imwrite(str(output / f"{Path(next(names)).stem}.png"), mask)
+
+
+PEERS = {"loop": plain_segment, "tfdata": tfdata_segment}
+"""The segmenting peers that run as processes of their own, by the name on their command line."""
+
+
 @dataclass(frozen=True)
 class StageCosts:
     """Core-milliseconds per image of each step of segmenting an image, measured one step after
@@ -248,6 +288,7 @@ def plain_epoch(model_config, images: np.ndarray, masks: np.ndarray, batch_size:
     return stamps[3] - stamps[2]
 
 
-if __name__ == "__main__":  # the segmenting loop as a process of its own
-    folder, out, model_file, batch = sys.argv[1:5]
-    plain_segment(sorted(str(p) for p in Path(folder).iterdir()), model_file, Path(out), int(batch))
+if __name__ == "__main__":  # a segmenting peer as a process of its own
+    peer, folder, out, model_file, batch = sys.argv[1:6]
+    paths = sorted(str(p) for p in Path(folder).iterdir())
+    PEERS[peer](paths, model_file, Path(out), int(batch))
