@@ -19,6 +19,7 @@ from typing import TextIO
 from lungseg.core.progress import Progress
 
 QUIET, NORMAL, VERBOSE = 0, 1, 2
+_logger = logging.getLogger("lungseg.console")
 
 
 def printable(text: str) -> str:
@@ -129,6 +130,11 @@ class Session:
 
         verbose = self.level >= VERBOSE
         if not ray.is_initialized():
+            address = os.environ.get("RAY_ADDRESS", "local")
+            if address == "local":
+                _logger.info("starting Ray")
+            else:
+                _logger.info("attaching to Ray at %s", address)
             level = logging.INFO if verbose else logging.ERROR
             # A Ray started here runs for this job only: without the dashboard, which costs
             # seconds of start-up (a cluster started by `ray start` keeps its own).
