@@ -83,8 +83,9 @@ class Session:
     so that a caller in the same process (a test) finds them unchanged.
     """
 
-    def __init__(self, level: int, command: str, stream: TextIO = sys.stdout) -> None:
-        self.level, self.command, self.stream = level, command, stream
+    def __init__(self, level: int, command: str, stream: TextIO | None = None) -> None:
+        # sys.stdout as it is now (a test's capture), not as it was when this was imported
+        self.level, self.command, self.stream = level, command, stream or sys.stdout
         self.log: str | None = None
         self._started_ray = False
         self._stack = contextlib.ExitStack()
