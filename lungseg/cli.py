@@ -29,10 +29,15 @@ from lungseg.core.config import (
     SegmentConfig,
     TrainConfig,
 )
-from lungseg.core.errors import UserError
+from lungseg.core.errors import (
+    EXIT_CRASHED,
+    EXIT_IMAGES_FAILED,
+    EXIT_OK,
+    EXIT_USAGE,
+    UserError,
+)
+from lungseg.io.catalog import FEW, check_root, first_few
 from lungseg.io.storage import Store
-
-EXIT_OK, EXIT_CRASHED, EXIT_USAGE, EXIT_IMAGES_FAILED = 0, 1, 2, 3
 
 
 class _Parser(argparse.ArgumentParser):
@@ -207,9 +212,37 @@ def _config(args: argparse.Namespace):
     return _build(_CONFIGS[args.command][0], args)
 
 
+_ROOTS = {"input": "images", "data": "images", "masks": "masks"}
+"""The config fields that name a root a job reads, and what it holds (for its refusal)."""
+
+
+def _preflight(config, store: Store) -> None:
+    """The checks that need neither Ray nor TensorFlow, made before either is imported (seconds
+    each): credentials for an S3 output, and the roots the job reads. A mistyped ``--input``
+    is then one line at once, not after Ray has started."""
+    output = getattr(config, "output", None)
+    if output is not None:
+        store.check_credentials(output)
+    for field, what in _ROOTS.items():
+        uri = getattr(config, field, None)
+        if uri is not None:
+            check_root(uri, what, store)
+
+
 def _say(text: str) -> None:
     for line in text.splitlines():
         print(console.printable(line), flush=True)
+
+
+def _outcome(flagged: int, failed_ids: Sequence[str], rest: str) -> str:
+    """``2 flagged, 3 failed: a, b, c`` with the first few failed ids, and where the others are
+    (``rest``: the table, the manifest)."""
+    text = f"{flagged} flagged, {len(failed_ids)} failed"
+    if failed_ids:
+        text += f": {first_few(failed_ids)}"
+        if len(failed_ids) > FEW:
+            text += f"; every failed id is in the {rest}"
+    return text
 
 
 def _train(config: TrainConfig, session: console.Session) -> int:
@@ -223,15 +256,18 @@ def _train(config: TrainConfig, session: console.Session) -> int:
 
         result = run_training(config, session.progress(), start_ray=session.start_ray)
     best = result.history[result.best_epoch - 1]
-    _say(f"data: {result.images} images ({result.flagged} flagged, {result.failed} failed)")
+    _say(f"data: {result.images} images ({_outcome(result.flagged, result.failed_ids, 'table')})")
     how = "stopped early" if result.stopped_early else "done"
     scores = ", ".join(
         f"{k} {best[k]:.4f}" for k in ("loss", "dice", "val_dice", "val_iou") if k in best
     )
-    _say(
-        f"trained {len(result.history)} epochs ({how}) in "
-        f"{console.duration(time.monotonic() - started)}; kept epoch {result.best_epoch}: {scores}"
-    )
+    first, last, took = result.first_epoch, len(result.history), time.monotonic() - started
+    if result.trained < 1:
+        trained = f"no epoch to train: the run had its {last} already"
+    else:
+        span = f"epoch {first}" if first == last else f"epochs {first}-{last}"
+        trained = f"trained {span} of {config.recipe.epochs} ({how}) in {console.duration(took)}"
+    _say(f"{trained}; kept epoch {result.best_epoch}: {scores}")
     _say(f"model: {result.model}  table: {result.table}")
     return EXIT_IMAGES_FAILED if result.failed else EXIT_OK
 
@@ -258,8 +294,10 @@ def _evaluate(config: EvaluateConfig, session: console.Session) -> int:
             f"{qc['spearman_qc_score_dice'] or float('nan'):.3f}, "
             f"masks below Dice {qc['poor_dice_below']} in review: {caught}"
         )
+    failed = [row["id"] for row in summary["failed"]]
+    named = f" ({first_few(failed)})" if failed else ""
     _say(
-        f"summary: {config.output}/summary.json  failed: {len(summary['failed'])}  "
+        f"summary: {config.output}/summary.json  failed: {len(failed)}{named}  "
         f"unscored: {len(summary['unscored'])}"
     )
     return EXIT_IMAGES_FAILED if summary["failed"] else EXIT_OK
@@ -269,12 +307,11 @@ def _segment(config: SegmentConfig, session: console.Session) -> int:
     from lungseg.jobs.segment import run_segmentation
 
     result = run_segmentation(config, session.progress(), start_ray=session.start_ray)
-    dice = "n/a" if result.mean_dice is None else f"{result.mean_dice:.4f}"
-    _say(
-        f"segmented {result.images} images ({result.flagged} flagged, {result.failed} failed), "
-        f"mean Dice {dice}"
-    )
-    _say(f"quality control: {result.review} of {result.images} masks to review (qc column)")
+    dice = "" if result.mean_dice is None else f", mean Dice {result.mean_dice:.4f}"
+    counts = _outcome(result.flagged, result.failed_ids, "table and lungseg.json")
+    _say(f"segmented {result.images} images ({counts}){dice}")
+    masks = result.images - result.failed  # a failed image has no mask to review
+    _say(f"quality control: {result.review} of {masks} masks to review (qc column)")
     _say(f"masks: {result.output}/masks/  table: {result.table}")
     if config.overlays:
         _say(f"overlays: {result.output}/overlays/")
@@ -285,7 +322,8 @@ def _clean(config: CleanConfig, session: console.Session) -> int:
     from lungseg.jobs.clean import run_cleaning
 
     cleaned = run_cleaning(config, session.progress(), start_ray=session.start_ray)
-    _say(f"cleaned {cleaned.images} images ({cleaned.flagged} flagged, {cleaned.failed} failed)")
+    counts = _outcome(cleaned.flagged, cleaned.failed_ids, "table and lungseg.json")
+    _say(f"cleaned {cleaned.images} images ({counts})")
     _say(f"outputs: {cleaned.output}/cleaned/, masks/  table: {cleaned.table}")
     if cleaned.sheet:
         _say(f"contact sheet: {cleaned.sheet}")
@@ -347,7 +385,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     with console.Session(level, args.command) as session:
         try:
             config = _config(args)
-            Store.for_job(getattr(config, "s3_endpoint", None))  # checked before any work
+            _preflight(config, Store.for_job(getattr(config, "s3_endpoint", None)))
             return _JOBS[args.command](config, session)
         except UserError as exc:
             if args.debug:

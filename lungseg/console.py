@@ -19,6 +19,7 @@ from typing import TextIO
 from lungseg.core.progress import Progress
 
 QUIET, NORMAL, VERBOSE = 0, 1, 2
+_logger = logging.getLogger("lungseg.console")
 
 
 def printable(text: str) -> str:
@@ -82,8 +83,9 @@ class Session:
     so that a caller in the same process (a test) finds them unchanged.
     """
 
-    def __init__(self, level: int, command: str, stream: TextIO = sys.stdout) -> None:
-        self.level, self.command, self.stream = level, command, stream
+    def __init__(self, level: int, command: str, stream: TextIO | None = None) -> None:
+        # sys.stdout as it is now (a test's capture), not as it was when this was imported
+        self.level, self.command, self.stream = level, command, stream or sys.stdout
         self.log: str | None = None
         self._started_ray = False
         self._stack = contextlib.ExitStack()
@@ -129,6 +131,11 @@ class Session:
 
         verbose = self.level >= VERBOSE
         if not ray.is_initialized():
+            address = os.environ.get("RAY_ADDRESS", "local")
+            if address == "local":
+                _logger.info("starting Ray")
+            else:
+                _logger.info("attaching to Ray at %s", address)
             level = logging.INFO if verbose else logging.ERROR
             # A Ray started here runs for this job only: without the dashboard, which costs
             # seconds of start-up (a cluster started by `ray start` keeps its own).

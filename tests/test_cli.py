@@ -211,7 +211,7 @@ def test_clean_job_exits_3_when_an_image_fails(tmp_path):
         env=LOCAL,
     )
     assert done.returncode == EXIT_IMAGES_FAILED, done.stderr[-3000:]
-    assert "cleaned 3 images (0 flagged, 1 failed)" in done.stdout
+    assert "cleaned 3 images (0 flagged, 1 failed: broken)" in done.stdout
     assert pq.read_table(tmp_path / "o" / "cleaning.parquet").num_rows == 3
 
 

@@ -125,10 +125,15 @@ def test_2_a_model_without_a_calibration_is_scored_in_the_bundled_ones_units(mod
     from lungseg.model.modelfile import describe
 
     bundled = describe(Path(BUNDLED_MODEL).read_bytes())
-    assert calibration(bundled, BUNDLED_MODEL) == bundled.calibration is not None
+    assert bundled.calibration is not None
+    assert calibration(bundled, BUNDLED_MODEL) == (bundled.calibration, None)
     assert not caplog.text
-    assert calibration(describe(Path(model_path).read_bytes()), model_path) == bundled.calibration
-    assert f"{model_path} has no quality-control calibration" in caplog.text
+    none = "it has none (not trained by a lungseg trainer)"
+    assert calibration(describe(Path(model_path).read_bytes()), model_path) == (
+        bundled.calibration,
+        f"the bundled model's: {none}",
+    )
+    assert f"{model_path}: {none}: qc_score uses the bundled model's" in caplog.text
 
 
 @pytest.mark.parametrize(

@@ -29,7 +29,7 @@ import posixpath
 import re
 import stat
 from collections import Counter, defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from urllib.parse import urlparse
 
@@ -47,11 +47,20 @@ _MASK_DIRS = frozenset({"masks", "mask", "manualmask", "leftmask", "rightmask"})
 _IMAGE_DIRS = frozenset({"images", "image"})  # left out of an id made from a path
 _SIDES = ("left", "right")
 _MASK_SUFFIX = "_mask"
-_SUMMARY_IDS = 5
 _SAFE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
 _UNSAFE_CHAR = re.compile(r"[^A-Za-z0-9_.-]")
 _HASHED_STEM = 64  # characters of the sanitised id kept in a hashed name
 _HASH_DIGITS = 12
+
+
+FEW = 5
+"""Ids or files named in a one-line summary or refusal; the others are counted or listed
+elsewhere."""
+
+
+def first_few(names: Sequence[str]) -> str:
+    """The first :data:`FEW` of ``names``, comma-separated, with ``, ...`` where there are more."""
+    return ", ".join(names[:FEW]) + (", ..." if len(names) > FEW else "")
 
 
 class CatalogError(UserError):
@@ -134,10 +143,8 @@ class Catalog:
         wanted = sorted(set(ids))
         missing = [i for i in wanted if i not in by_id]
         if missing:
-            more = ", ..." if len(missing) > _SUMMARY_IDS else ""
             raise CatalogError(
-                f"{len(missing)} requested ids are not in the catalog: "
-                f"{', '.join(missing[:_SUMMARY_IDS])}{more}"
+                f"{len(missing)} requested ids are not in the catalog: {first_few(missing)}"
             )
         return tuple(by_id[i] for i in wanted)
 
@@ -147,13 +154,11 @@ class Catalog:
         n_labelled = len(self.cases) - len(unlabelled)
         line = f"{len(self.cases)} images, {n_labelled} with masks, {len(unlabelled)} without"
         if unlabelled:
-            more = ", ..." if len(unlabelled) > _SUMMARY_IDS else ""
-            line += f" (first few ids: {', '.join(unlabelled[:_SUMMARY_IDS])}{more})"
+            line += f" (first few ids: {first_few(unlabelled)})"
         line = f"{line}, {len(self.orphan_masks)} masks without an image"
         if self.skipped:
-            named = ", ".join(f"{uri} ({why})" for uri, why in self.skipped[:_SUMMARY_IDS])
-            more = ", ..." if len(self.skipped) > _SUMMARY_IDS else ""
-            line += f", {len(self.skipped)} files skipped: {named}{more}"
+            named = first_few([f"{uri} ({why})" for uri, why in self.skipped])
+            line += f", {len(self.skipped)} files skipped: {named}"
         return line
 
 
@@ -179,15 +184,21 @@ class _File:
         return "/".join([*(d for d in self.folders if d.lower() not in layout), stem])
 
 
-def _walk(uri: str, what: str, store: Store) -> tuple[list[_File], list[tuple[str, str]]]:
-    """Every non-hidden file with an image suffix under ``uri``, recursively, and the files
-    skipped as no image with the reason."""
-    fs, root = store.resolve(uri)
+def check_root(uri: str, what: str, store: Store = DEFAULT_STORE) -> None:
+    """Refuse a root of ``what`` (images, masks) that is not there or is not a folder: the
+    catalog's first check, and cheap, so that the CLI makes it before starting anything."""
     kind = store.file_type(uri)
     if kind == pafs.FileType.NotFound:
         raise CatalogError(f"{what} root not found: {uri}")
     if kind != pafs.FileType.Directory:
         raise CatalogError(f"{what} root is not a directory: {uri}")
+
+
+def _walk(uri: str, what: str, store: Store) -> tuple[list[_File], list[tuple[str, str]]]:
+    """Every non-hidden file with an image suffix under ``uri``, recursively, and the files
+    skipped as no image with the reason."""
+    fs, root = store.resolve(uri)
+    check_root(uri, what, store)
     scheme = urlparse(uri).scheme if is_remote(uri) else None
     skipped: list[tuple[str, str]] = []
     if scheme:

@@ -305,23 +305,54 @@ class Store:
 
     def check_writable(self, root: str) -> None:
         """Fail early, naming ``root``, when outputs cannot be written there (write + delete of a
-        probe of this call's own, so that jobs starting at once do not delete each other's)."""
+        probe of this call's own, so that jobs starting at once do not delete each other's); on
+        S3, first when there are no credentials to write with (:meth:`check_credentials`)."""
         probe = join(root, f"{WRITE_PROBE}.{uuid.uuid4().hex}")
         fs, path = self.resolve(probe)
         if isinstance(fs, pafs.S3FileSystem):
+            self.check_credentials(root)  # before anything is written (a probe, a lock)
             self.file_type(root)  # a missing bucket is named as such
         self.write_bytes(probe, b"")
         with explained(root):
             fs.delete_file(path)
 
+    def check_credentials(self, uri: str) -> None:
+        """Refuse to write to the S3 ``uri`` without credentials, saying where lungseg looked.
+
+        An endpoint may answer unsigned requests (reads of a public bucket, a test server), but
+        a job that writes claims its output with a conditional write, which must be signed: a
+        job without credentials is stopped here, before it writes anything (the lock above all).
+        Nothing for a local ``uri``.
+        """
+        if urlparse(uri).scheme != "s3":
+            return
+        import boto3
+
+        if boto3.Session().get_credentials() is None:
+            raise StorageError(f"{uri}: {_no_credentials()}")
+
 
 SETTLE_SECONDS = 1.0
 """How long a store without conditional writes is given before a created file is read back."""
-_NO_CREDENTIALS = (
-    "no S3 credentials found: lungseg looked where the AWS SDK looks (AWS_ACCESS_KEY_ID and "
-    "AWS_SECRET_ACCESS_KEY, AWS_PROFILE and ~/.aws/credentials, AWS_WEB_IDENTITY_TOKEN_FILE, "
-    "the instance or container role)"
-)
+
+
+def _no_credentials() -> str:
+    """Where boto3's chain looked for credentials, as this process's environment sets it."""
+    env = os.environ
+    profile = env.get("AWS_PROFILE") or env.get("AWS_DEFAULT_PROFILE") or "default"
+    shared = env.get("AWS_SHARED_CREDENTIALS_FILE") or "~/.aws/credentials"
+    config = env.get("AWS_CONFIG_FILE") or "~/.aws/config"
+    metadata = (
+        "instance metadata (off: AWS_EC2_METADATA_DISABLED)"
+        if env.get("AWS_EC2_METADATA_DISABLED", "").lower() == "true"
+        else "the instance's metadata service"
+    )
+    return (
+        "no S3 credentials found, and writing needs them: lungseg looked where boto3 looks: "
+        "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY in the environment, profile "
+        f"{profile!r} in {shared} (AWS_SHARED_CREDENTIALS_FILE) and {config} (AWS_CONFIG_FILE), "
+        f"AWS_WEB_IDENTITY_TOKEN_FILE, the container's credentials endpoint and {metadata}"
+    )
 
 
 @lru_cache(maxsize=8)
@@ -344,7 +375,7 @@ def _create_on_s3(store: Store, uri: str, path: str, data: bytes) -> bool:
         _boto(store.endpoint).put_object(Bucket=bucket, Key=key, Body=data, IfNoneMatch="*")
         return True
     except NoCredentialsError as exc:
-        raise StorageError(f"{uri}: {_NO_CREDENTIALS}") from exc
+        raise StorageError(f"{uri}: {_no_credentials()}") from exc
     except ClientError as exc:
         code = exc.response.get("Error", {}).get("Code", "")
         if code in ("PreconditionFailed", "ConditionalRequestConflict"):

@@ -285,7 +285,11 @@ class CleanSummary:
     sheet: str | None
     images: int
     flagged: int
-    failed: int
+    failed_ids: tuple[str, ...]  # the ids of the ``error`` rows, in id order
+
+    @property
+    def failed(self) -> int:
+        return len(self.failed_ids)
 
 
 def run_cleaning(
@@ -320,7 +324,7 @@ def run_cleaning(
         overwrite=config.overwrite,
     ) as claim:
         summary = _clean(config, found.cases, store, pool, claim, progress)
-        claim.finish(images=summary.images, flagged=summary.flagged, failed=summary.failed)
+        claim.finish(**outputs.outcome(summary.images, summary.flagged, summary.failed_ids))
     return summary
 
 
@@ -351,10 +355,13 @@ def _clean(
     )
     first = {case.id for case in cases[: config.sheet]}
     shown: list[dict] = []
+    failed: list[str] = []
 
     def account(rows: pa.Table) -> None:
         shown.extend(row for row in rows.to_pylist() if row["id"] in first)
-        progress.advance(rows.num_rows, rows["status"].to_pylist().count(ERROR))
+        errors = table.failed_ids(rows)
+        failed.extend(errors)
+        progress.advance(rows.num_rows, len(errors))
 
     table_uri = claim.uri(CLEAN_TABLE)
     progress.start("clean", len(cases))
@@ -374,5 +381,5 @@ def _clean(
         sheet=sheet_uri,
         images=len(cases),
         flagged=statuses[FLAGGED],
-        failed=statuses[ERROR],
+        failed_ids=tuple(sorted(failed)),
     )

@@ -113,5 +113,5 @@ def run_evaluation(
         fs, path = store.resolve(result.table)
         summary = summarise(pq.read_table(path, filesystem=fs).to_pylist(), config.model)
         claim.write(SUMMARY_FILE, json.dumps(summary, indent=2).encode())
-        claim.finish(images=result.images, flagged=result.flagged, failed=result.failed)
+        claim.finish(**result.outcome())
     return summary

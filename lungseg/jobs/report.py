@@ -104,8 +104,9 @@ def _stats(values: list[float]) -> str:
     return f"mean {mean:.4f}, median {median:.4f}, min {min(values):.4f}"
 
 
-def _summary(rows: list[dict]) -> list[tuple[str, str]]:
-    """The report's headline numbers as (name, value) pairs."""
+def _summary(rows: list[dict], borrowed: str | None = None) -> list[tuple[str, str]]:
+    """The report's headline numbers as (name, value) pairs; ``borrowed`` is why quality
+    control scored with another model's calibration (the manifest's), None where it did not."""
     statuses = Counter(row["status"] for row in rows)
     scored = [row for row in rows if row["dice"] is not None]
     lungs = [row["lung_fraction"] for row in rows if row["lung_fraction"] is not None]
@@ -120,6 +121,7 @@ def _summary(rows: list[dict]) -> list[tuple[str, str]]:
         ("IoU", _stats([row["iou"] for row in scored])),
         ("lung fraction", _stats(lungs)),
         ("sent to review", f"{review} of {len(assessed)} assessed by quality control{share}"),
+        *((("quality-control calibration", borrowed),) if borrowed else ()),
     ]
 
 
@@ -315,7 +317,8 @@ def _report(config: ReportConfig, claim: outputs.Claim, store: Store) -> ReportR
     pictures = {name: f"{REPORT_ASSETS}/{name}.png" for name in pngs}
     for name, data in pngs.items():
         claim.write(pictures[name], data)
-    page = render_html(rows, _summary(rows), pictures, key, review)
+    borrowed = claim.manifest.get("settings", {}).get("qc_calibration_borrowed")
+    page = render_html(rows, _summary(rows, borrowed), pictures, key, review)
     html_uri = claim.write(REPORT_FILE, page.encode())
     return ReportResult(
         html=html_uri,

@@ -107,12 +107,22 @@ class SegmentResult:
     table: str
     images: int
     flagged: int
-    failed: int
+    failed_ids: tuple[str, ...]  # the ids of the ``error`` rows, in id order
     resumed: int  # rows kept from an earlier run (``resume``)
     mean_dice: float | None
     review: int = 0  # masks quality control sent to review (``qc``)
     dicom_segs: int = 0  # DICOM SEG objects written (``dicom_seg``)
     not_dicom: int = 0  # images segmented without one, not being DICOM (with ``dicom_seg``)
+
+    @property
+    def failed(self) -> int:
+        return len(self.failed_ids)
+
+    def outcome(self) -> dict:
+        """What the manifest records of the run (:func:`lungseg.runs.outputs.outcome`)."""
+        return outputs.outcome(
+            self.images, self.flagged, self.failed_ids, self.resumed, self.review
+        )
 
 
 def tensorflow_threads(intra_op: int) -> None:
@@ -350,20 +360,28 @@ def _columns(rows: Iterable[dict]) -> dict[str, list]:
     return {name: [row[name] for row in rows] for name in SCHEMA.names}
 
 
-def calibration(model: modelfile.ModelFile, name: str) -> qc.Calibration:
+def calibration(model: modelfile.ModelFile, name: str) -> tuple[qc.Calibration, str | None]:
     """The quality-control calibration that scores a model's masks: its own (a lungseg trainer
     stores it in the model file); for a file without one, the bundled model's, with a
-    warning, as scores in another model's units may send more or fewer images to review."""
+    warning, as scores in another model's units may send more or fewer images to review. The
+    second value says why the model's own is not used (None where it is): the manifest
+    records it and the report shows it."""
     if model.calibration is not None:
-        return model.calibration
+        return model.calibration, None
+    why = (
+        f"its calibration could not be measured ({model.calibration_missing})"
+        if model.calibration_missing
+        else "it has none (not trained by a lungseg trainer)"
+    )
     logger.warning(
-        "%s has no quality-control calibration (not trained by this lungseg): "
-        "qc_score uses the bundled model's, and may send more or fewer masks to review",
+        "%s: %s: qc_score uses the bundled model's calibration, and may send more or fewer "
+        "masks to review",
         name,
+        why,
     )
     bundled = modelfile.describe(Path(BUNDLED_MODEL).read_bytes()).calibration
     assert bundled is not None, "the bundled model is calibrated"
-    return bundled
+    return bundled, f"the bundled model's: {why}"
 
 
 @dataclass(frozen=True)
@@ -376,6 +394,7 @@ class SegmentPlan:
     store: Store
     model: modelfile.ModelFile
     scoring: qc.Calibration
+    borrowed: str | None  # why ``scoring`` is not the model's own (:func:`calibration`)
     found: catalog.Catalog
     cases: tuple[catalog.Case, ...]
     reads: dict[str, str | None]
@@ -394,6 +413,7 @@ class SegmentPlan:
             "model_sha256": self.model.sha256,
             "model_input_size": self.model.size,
             "qc_calibration": asdict(self.scoring),
+            "qc_calibration_borrowed": self.borrowed,
             "threshold": config.threshold,
             "precision": config.precision,
             "batch_size": config.batch_size,
@@ -445,9 +465,10 @@ def plan_segmentation(
     config: SegmentConfig, reads: dict[str, str | None] | None = None
 ) -> SegmentPlan:
     """Everything of a segment job that needs no Ray, checked before any work: where it reads
-    and writes (apart), the model (loaded once, here, and refused in one line unless it maps one
-    X-ray to one map of probabilities), the catalog, and with ``dicom_seg`` highdicom.
-    ``reads`` adds to what the job reads (an evaluation's split file)."""
+    and writes (apart), with ``dicom_seg`` highdicom, the catalog, then the model (loaded once,
+    here, and refused in one line unless it maps one X-ray to one map of probabilities: it
+    costs TensorFlow's start). ``reads`` adds to what the job reads (an evaluation's split
+    file)."""
     from lungseg.model.unet import load_checked
 
     if config.dicom_seg:
@@ -459,14 +480,15 @@ def plan_segmentation(
     outputs.check_apart(store, config.output, reads)
     precision = pipeline.resolve_precision(config.precision, config.resources.use_gpu)
     config = replace(config, precision=precision)  # what the manifest records
+    found = catalog.find_cases(config.input, config.masks, store)  # cheaper than the model
+    logger.info("catalog: %s", found.summary())
+    cases = found.cases if config.ids is None else found.select(config.ids)
+    logger.info("loading model %s", config.model)
     data = store.read_bytes(config.model)
     model = modelfile.describe(data, config.model)
     load_checked(data, model.size, config.model)
-    scoring = calibration(model, config.model)
-    found = catalog.find_cases(config.input, config.masks, store)
-    logger.info("catalog: %s", found.summary())
-    cases = found.cases if config.ids is None else found.select(config.ids)
-    return SegmentPlan(config, store, model, scoring, found, cases, reads)
+    scoring, borrowed = calibration(model, config.model)
+    return SegmentPlan(config, store, model, scoring, borrowed, found, cases, reads)
 
 
 def run_segmentation(
@@ -486,7 +508,7 @@ def run_segmentation(
     pools = plan.pools()
     with plan.claimed("segment") as claim:
         result = segment_cases(plan, pools, claim, progress or Progress())
-        claim.finish(images=result.images, flagged=result.flagged, failed=result.failed)
+        claim.finish(**result.outcome())
     return result
 
 
@@ -544,6 +566,7 @@ def segment_cases(
                 num_cpus=1,
             )
     dice: list[float] = []
+    failed: list[str] = []
     review = 0
     segs = {"written": 0, "not_dicom": 0}
 
@@ -551,13 +574,15 @@ def segment_cases(
         nonlocal review
         dice.extend(d for d in rows["dice"].to_pylist() if d is not None)
         review += rows["qc"].to_pylist().count(REVIEW)
-        if config.dicom_seg:
-            for row in rows.select(["dicom_seg", "status", "error"]).to_pylist():
+        if config.dicom_seg:  # masks made without a SEG, of images that are not DICOM
+            for row in rows.select(["dicom_seg", "mask", "error"]).to_pylist():
                 if row["dicom_seg"] is not None:
                     segs["written"] += 1
-                elif row["status"] != ERROR and NO_DICOM_SEG not in (row["error"] or ""):
+                elif row["mask"] is not None and NO_DICOM_SEG not in (row["error"] or ""):
                     segs["not_dicom"] += 1
-        progress.advance(rows.num_rows, rows["status"].to_pylist().count(ERROR))
+        errors = table.failed_ids(rows)
+        failed.extend(errors)
+        progress.advance(rows.num_rows, len(errors))
 
     progress.start("segment", len(plan.cases))
     statuses = table.write_table(
@@ -585,7 +610,7 @@ def segment_cases(
         table=table_uri,
         images=len(plan.cases),
         flagged=statuses[FLAGGED],
-        failed=statuses[ERROR],
+        failed_ids=tuple(sorted(failed)),
         resumed=len(kept),
         mean_dice=float(np.mean(dice)) if dice else None,
         review=review,

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import posixpath
 import shutil
 import tempfile
 import threading
@@ -110,7 +111,8 @@ def train_loop_per_worker(config: dict) -> None:
             model.compile(optimizer=keras.optimizers.Adam(settings.learning_rate))
         optimizer = model.optimizer
     if rank == 0 and queue is not None and history:
-        queue.put({"resumed": history})
+        where = f"{CHECKPOINTS_DIR}/{posixpath.basename(checkpoint.path.rstrip('/'))}"
+        queue.put({"resumed": history, "checkpoint": where})
 
     def step(images, masks):
         with tf.GradientTape() as tape:
@@ -198,8 +200,9 @@ def _read_checkpoint(checkpoint: ray.train.Checkpoint) -> tuple[bytes, list[dict
     return model, history
 
 
-def _follow(queue, progress: Progress, done: threading.Event) -> None:
-    """Show each epoch row that rank 0 puts in ``queue`` until ``done`` (a driver thread)."""
+def _follow(queue, progress: Progress, done: threading.Event, trained: set[int]) -> None:
+    """Show each epoch row that rank 0 puts in ``queue`` until ``done`` (a driver thread), and
+    the checkpoint that the workers went on from; ``trained`` gets the epochs trained here."""
     from ray.util.queue import Empty
 
     while not (done.is_set() and queue.empty()):
@@ -208,8 +211,22 @@ def _follow(queue, progress: Progress, done: threading.Event) -> None:
         except Empty:
             continue
         if "resumed" in row:
-            progress.advance(len(row["resumed"]))
+            epochs = len(row["resumed"])
+            if trained:  # this run's own checkpoint: a worker died
+                logger.warning(
+                    "a worker died: going on from the checkpoint of epoch %d (%s)",
+                    epochs,
+                    row["checkpoint"],
+                )
+            else:
+                logger.info(
+                    "resume: going on from the checkpoint of epoch %d (%s)",
+                    epochs,
+                    row["checkpoint"],
+                )
+                progress.advance(epochs)
         else:
+            trained.add(row["epoch"])
             figures = {key: row.get(key) for key in ("loss", "dice", "val_dice")}
             progress.advance(1, **figures)
 
@@ -272,17 +289,24 @@ def _train(
     fs, path = store.resolve(config.output)
     res = config.resources
     pool, worker_cpus = _pools(config)
-    datasets, rows = {}, []
-    progress.start("read", sum(len(cases) for cases in data.parts.values()))
-    for name, cases in data.parts.items():
-        read = pipeline.preprocessed(
-            cases, config.recipe.model.size, pool, store, train=True
-        ).materialize()
-        done = read.select_columns(["id", "source", "status", "error"]).take_all()
-        rows.extend(row | {"split": name, "error": row["error"] or None} for row in done)
-        progress.advance(len(done), sum(row["status"] == ERROR for row in done))
-        datasets[name] = read.filter(expr=col("status") == OK).select_columns(["image", "mask"])
+    # One read of every split: one actor pool to start, and no start-up in the next split's time.
+    split_of = {case.id: name for name, cases in data.parts.items() for case in cases}
+    progress.start("read", len(split_of))
+    cases = [case for part in data.parts.values() for case in part]
+    read = pipeline.preprocessed(
+        cases, config.recipe.model.size, pool, store, train=True
+    ).materialize()
+    done = read.select_columns(["id", "source", "status", "error"]).take_all()
+    rows = [row | {"split": split_of[row["id"]], "error": row["error"] or None} for row in done]
+    progress.advance(len(done), sum(row["status"] == ERROR for row in done))
     progress.finish()
+    usable = read.filter(expr=col("status") == OK)
+    datasets = {
+        name: usable.filter(expr=col("id").is_in([case.id for case in part])).select_columns(
+            ["image", "mask"]
+        )
+        for name, part in data.parts.items()
+    }
     statuses = write_data_table(claim, data, rows, config.workers)
 
     queue = Queue(actor_options={"num_cpus": 0})
@@ -305,13 +329,15 @@ def _train(
         ),
     )
     progress.start("train", config.recipe.epochs, "epochs")
-    done = threading.Event()
-    follower = threading.Thread(target=_follow, args=(queue, progress, done), daemon=True)
+    finished, trained = threading.Event(), set()
+    follower = threading.Thread(
+        target=_follow, args=(queue, progress, finished, trained), daemon=True
+    )
     follower.start()
     try:
         result = trainer.fit()
     finally:
-        done.set()
+        finished.set()
         follower.join()
         progress.finish()
         queue.shutdown()
@@ -320,4 +346,5 @@ def _train(
     images = np.stack([row["image"] for row in films])
     model = ray.get(ray.remote(recipe.calibrated).remote(model, images))
     trainer = f"Ray Train, {config.workers} workers"
-    return finish_run(config, claim, model, history, rows, trainer, statuses)
+    first = min(trained, default=len(history) + 1)
+    return finish_run(config, claim, model, history, rows, trainer, statuses, first)

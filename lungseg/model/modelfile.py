@@ -19,17 +19,20 @@ from lungseg.core.errors import UserError
 from lungseg.core.qc import Calibration
 
 NOTES = "lungseg.json"
-"""The entry of a ``.keras`` zip that holds lungseg's notes on the model: ``{"qc": ...}``."""
+"""The entry of a ``.keras`` zip that holds lungseg's notes on the model: ``{"qc": ...}``, or
+``{"qc": null, "qc_missing": why}`` where its trainer could not measure a calibration."""
 
 
 @dataclass(frozen=True)
 class ModelFile:
     """A ``.keras`` file's SHA-256 (hex), the side of its square one-channel input and its
-    quality-control calibration (None in a file that was not made by a lungseg trainer)."""
+    quality-control calibration: None in a file that was not made by a lungseg trainer, and in
+    one whose trainer could not measure it (``calibration_missing`` then says why)."""
 
     sha256: str
     size: int
     calibration: Calibration | None = None
+    calibration_missing: str | None = None
 
 
 def describe(data: bytes, name: str = "model") -> ModelFile:
@@ -60,15 +63,17 @@ def describe(data: bytes, name: str = "model") -> ModelFile:
             "keras.Input((256, 256, 1))"
         )
     try:
-        calibration = Calibration(**notes["qc"]) if "qc" in notes else None
+        calibration = Calibration(**notes["qc"]) if notes.get("qc") is not None else None
     except TypeError as exc:
         raise UserError(f"{name}: its {NOTES} has no valid quality-control calibration") from exc
-    return ModelFile(hashlib.sha256(data).hexdigest(), int(inputs[0][1]), calibration)
+    missing = None if calibration else notes.get("qc_missing")
+    return ModelFile(hashlib.sha256(data).hexdigest(), int(inputs[0][1]), calibration, missing)
 
 
-def with_calibration(data: bytes, calibration: Calibration) -> bytes:
+def with_calibration(data: bytes, calibration: Calibration | None, missing: str = "") -> bytes:
     """The bytes of a ``.keras`` file with ``calibration`` in its :data:`NOTES` (replaced if
-    it had one)."""
+    it had one); without one, why it is ``missing``, so that a job using the model can tell a
+    lungseg model that has none from a model that no lungseg trainer made."""
     out = io.BytesIO()
     with (
         zipfile.ZipFile(io.BytesIO(data)) as source,
@@ -78,6 +83,7 @@ def with_calibration(data: bytes, calibration: Calibration) -> bytes:
             if entry.filename != NOTES:
                 target.writestr(entry, source.read(entry))
         stamp = source.getinfo("config.json").date_time  # the same bytes for the same model
-        notes = json.dumps({"qc": asdict(calibration)}, indent=2)
+        qc = {"qc": asdict(calibration)} if calibration else {"qc": None, "qc_missing": missing}
+        notes = json.dumps(qc, indent=2)
         target.writestr(zipfile.ZipInfo(NOTES, stamp), notes)
     return out.getvalue()

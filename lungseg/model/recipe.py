@@ -74,7 +74,8 @@ def calibrated(model: bytes, images: np.ndarray) -> bytes:
     """``model`` (``.keras`` bytes) with its :class:`lungseg.core.qc.Calibration` inside, measured
     on the first :data:`CALIBRATION_FILMS` of ``images`` (uint8 ``(n, size, size)`` X-rays of
     its training split) and their second views, at the probabilities' uint8 steps as
-    ``segment`` sees them; unchanged when :func:`lungseg.core.qc.calibrate` has no unit to give."""
+    ``segment`` sees them; where :func:`lungseg.core.qc.calibrate` has no unit to give, with
+    why in its place (:func:`lungseg.model.modelfile.with_calibration`)."""
     from lungseg.model.unet import load_model  # Keras, only where a model runs
 
     network = load_model(model)
@@ -87,7 +88,11 @@ def calibrated(model: bytes, images: np.ndarray) -> bytes:
 
     seconds = np.stack([qc.second_view(film) for film in films])
     calibration = qc.calibrate(predict(films), predict(seconds), THRESHOLD)
-    return model if calibration is None else modelfile.with_calibration(model, calibration)
+    missing = (
+        f"the model drew no plausible lungs with a measurable uncertainty on its {len(films)} "
+        "training films"
+    )
+    return modelfile.with_calibration(model, calibration, "" if calibration else missing)
 
 
 def should_stop(history: Sequence[dict], patience: int) -> bool:

@@ -37,13 +37,13 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import pyarrow.fs as pafs
 
 from lungseg import __version__
-from lungseg.core.errors import UserError
+from lungseg.core.errors import EXIT_IMAGES_FAILED, EXIT_OK, UserError
 from lungseg.core.layout import (
     JOURNAL_SUFFIX,
     LAYOUTS,
@@ -54,6 +54,7 @@ from lungseg.core.layout import (
     Layout,
 )
 from lungseg.io import storage
+from lungseg.io.catalog import first_few
 from lungseg.io.storage import StorageError, Store
 from lungseg.runs import table
 
@@ -66,7 +67,6 @@ HEARTBEAT_SECONDS = 20.0
 LEDGER_VERSION = 1
 """The manifest's ``ledger``: the manifests of lungseg before the ledger have none."""
 _PLANNED = "planned-"
-_SHOWN = 5  # files named in a refusal
 _KINDS = {
     "segment": "a segment output",
     "train": "a training run folder",
@@ -108,8 +108,7 @@ def _now() -> str:
 
 
 def _listed(keys: Iterable[str]) -> str:
-    keys = sorted(keys)
-    return ", ".join(keys[:_SHOWN]) + (", ..." if len(keys) > _SHOWN else "")
+    return first_few(sorted(keys))
 
 
 def read_manifest(store: Store, root: str) -> dict | None:
@@ -123,14 +122,42 @@ def read_manifest(store: Store, root: str) -> dict | None:
         raise UserError(f"{uri} is not a lungseg manifest ({exc}): move it away") from exc
 
 
-def differences(before: Mapping, now: Mapping) -> list[str]:
-    """What differs between two manifests' settings, one ``name: earlier -> now`` each."""
-    names = sorted(set(before) | set(now))
-    return [
-        f"{name}: {before.get(name)!r} -> {now.get(name)!r}"
-        for name in names
-        if before.get(name) != now.get(name)
-    ]
+def differences(before: Mapping, now: Mapping, within: str = "") -> list[str]:
+    """What differs between two manifests' settings, one ``name: earlier -> now`` each; nested
+    settings (a training recipe) by their dotted names (``recipe.batch_size: 4 -> 8``), not as
+    two whole dicts."""
+    out = []
+    for name in sorted(set(before) | set(now)):
+        old, new = before.get(name), now.get(name)
+        if isinstance(old, Mapping) and isinstance(new, Mapping):
+            out += differences(old, new, f"{within}{name}.")
+        elif old != new:
+            out.append(f"{within}{name}: {old!r} -> {new!r}")
+    return out
+
+
+def outcome(
+    images: int,
+    flagged: int,
+    failed_ids: Sequence[str],
+    resumed: int = 0,
+    review: int | None = None,
+) -> dict:
+    """How a finished run's images fared, as its manifest records it for a pipeline to read
+    whatever a scheduler made of the exit status (``ray job submit`` shows 2 and 3 as FAILED):
+    the exit status, the rows by status, those kept from an earlier run (``resumed``), the
+    masks sent to review (where quality control ran) and every failed id."""
+    counts = {
+        "exit_status": EXIT_IMAGES_FAILED if failed_ids else EXIT_OK,
+        "images": images,
+        "ok": images - flagged - len(failed_ids),
+        "flagged": flagged,
+        "failed": len(failed_ids),
+        "resumed": resumed,
+    }
+    if review is not None:
+        counts["review"] = review
+    return counts | {"failed_ids": sorted(failed_ids)}
 
 
 class _Lock:

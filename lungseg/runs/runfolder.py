@@ -49,7 +49,17 @@ class TrainResult:
     table: str  # data.parquet: every image and whether it was trained on
     images: int
     flagged: int
-    failed: int
+    failed_ids: tuple[str, ...]  # the images that could not be read, in id order
+    first_epoch: int = 1  # the first epoch trained by this run (after a resumed checkpoint's)
+
+    @property
+    def failed(self) -> int:
+        return len(self.failed_ids)
+
+    @property
+    def trained(self) -> int:
+        """Epochs this run trained: a resumed run's earlier ones are not among them."""
+        return len(self.history) - self.first_epoch + 1
 
 
 @dataclass(frozen=True)
@@ -133,10 +143,11 @@ def finish_run(
     rows: list[dict],
     trainer: str,
     statuses: Counter[str],
+    first_epoch: int = 1,
 ) -> TrainResult:
     """Write the run folder's files (:func:`recipe.run_files`, with the provenance of the
     model) and ``config.json`` into the claimed run folder; the run's result. ``rows`` are
-    the images read, with their split."""
+    the images read, with their split; ``first_epoch`` the first epoch this run trained."""
     split = {
         name: [r["id"] for r in rows if r.get("split") == name and r["status"] == OK]
         for name in ("train", "val")
@@ -144,8 +155,9 @@ def finish_run(
     found = describe(model)
     if found.calibration is None:
         logger.warning(
-            "the model draws no plausible lungs on its training films: it has no quality-control "
-            "calibration, and segment will score its masks with the bundled model's"
+            "the model has no quality-control calibration (%s): segment will score its masks "
+            "with the bundled model's",
+            found.calibration_missing,
         )
     record = recipe.provenance(config.recipe, split, history, found, trainer, config.data)
     for name, content in recipe.run_files(model, history, record).items():
@@ -160,7 +172,8 @@ def finish_run(
         table=claim.uri(DATA_FILE),
         images=sum(statuses.values()),
         flagged=statuses[FLAGGED],
-        failed=statuses[ERROR],
+        failed_ids=tuple(sorted(r["id"] for r in rows if r["status"] == ERROR)),
+        first_epoch=first_epoch,
     )
 
 
@@ -184,7 +197,8 @@ def train_in_folder(
         if claim.resumed and not resumes:
             logger.warning("a single-process run does not resume: training %s anew", config.output)
         result = trainer(data, claim)
-        claim.finish(epochs=len(result.history), selected_epoch=result.best_epoch)
+        counts = outputs.outcome(result.images, result.flagged, result.failed_ids)
+        claim.finish(epochs=len(result.history), selected_epoch=result.best_epoch, **counts)
     return result
 
 

@@ -93,6 +93,14 @@ def written_files(uri: str, columns: Sequence[str], store: Store) -> dict[str, s
     return files
 
 
+def failed_ids(rows: pa.Table) -> list[str]:
+    """The ids of the ``error`` rows of a table of rows."""
+    statuses = rows["status"].to_pylist()
+    return [
+        i for i, status in zip(rows["id"].to_pylist(), statuses, strict=True) if status == ERROR
+    ]
+
+
 def write_table(
     batches: Iterable[pa.Table],
     uri: str,
