@@ -70,13 +70,13 @@ def test_every_config_field_is_an_option_and_reaches_the_config():
     field, nested ones too."""
     config = _config(
         build_parser().parse_args(
-            ["train", "--no-augment", "--size", "128", "--depth", "3", "--gpu", "--epochs", "3",
+            ["train", "--no-augment", "--size", "128", "--depth", "3", "--device", "gpu", "--epochs", "3",
              "--actor-cpus", "0.5", "--split", "s.json", "--single-process"]
         )
     )  # fmt: skip
     assert not config.recipe.augment and config.recipe.epochs == 3 and config.single_process
     assert config.recipe.model == ModelConfig(128, 16, 3) and config.split == "s.json"
-    assert config.resources == ResourceConfig(actor_cpus=0.5, use_gpu=True)
+    assert config.resources == ResourceConfig(actor_cpus=0.5, device="gpu")
     bench = _config(build_parser().parse_args(["benchmark", "--stages", "memory,training",
                                                "--memory-images", "5,10"]))  # fmt: skip
     assert (bench.stages, bench.memory_images) == (("memory", "training"), (5, 10))

@@ -25,6 +25,7 @@ SEGMENT_TABLE = "segmentation.parquet"
 MASKS_DIR = "masks"
 LABELS_DIR = "labels"
 OVERLAYS_DIR = "overlays"
+PROBABILITIES_DIR = "probabilities"
 SUMMARY_FILE = "summary.json"
 # report (beside a segment output)
 REPORT_FILE = "report.html"
@@ -81,12 +82,13 @@ SEGMENT = Layout(
         MASKS_DIR,
         LABELS_DIR,
         OVERLAYS_DIR,
+        PROBABILITIES_DIR,
         SUMMARY_FILE,
         REPORT_FILE,
         REPORT_ASSETS,
     ),
     SEGMENT_TABLE,
-    ("mask", "labels", "overlay"),
+    ("mask", "labels", "overlay", "probability"),
 )
 """A segment or evaluate job's output root, and the report written into it."""
 CLEAN = Layout(

@@ -250,16 +250,18 @@ def run_training(
     )
 
 
-def _pools(config: TrainConfig) -> tuple[pipeline.Pool, float]:
+def _pools(config: TrainConfig) -> tuple[pipeline.Pool, float, bool]:
     """The preprocessing pool (it reads the data before the workers start, so it may have every
-    CPU) and the CPUs of each train worker, refused where they could never start."""
+    CPU), the CPUs of each train worker and whether each gets a GPU (``--device``), refused
+    where they could never start."""
     on = pipeline.cluster()
+    use_gpu = pipeline.resolve_device(config.resources, on).use_gpu
     pool = pipeline.preprocess_pool(on, config.resources)
     worker_cpus = pipeline.train_worker_cpus(on, config.workers, config.worker_cpus)
     workers = pipeline.Pool(config.workers, config.workers, worker_cpus)
     pipeline.check_fits({"--preprocess-actors/--actor-cpus": pool}, on)
     pipeline.check_fits({"--workers/--worker-cpus": workers}, on)
-    return pool, worker_cpus
+    return pool, worker_cpus, use_gpu
 
 
 def _train(
@@ -270,8 +272,7 @@ def _train(
 
     store = claim.store
     fs, path = store.resolve(config.output)
-    res = config.resources
-    pool, worker_cpus = _pools(config)
+    pool, worker_cpus, use_gpu = _pools(config)
     datasets, rows = {}, []
     progress.start("read", sum(len(cases) for cases in data.parts.values()))
     for name, cases in data.parts.items():
@@ -291,7 +292,7 @@ def _train(
         train_loop_config=loop_config(config, queue),
         scaling_config=ray.train.ScalingConfig(
             num_workers=config.workers,
-            use_gpu=res.use_gpu,
+            use_gpu=use_gpu,
             resources_per_worker={"CPU": worker_cpus},
         ),
         datasets=datasets,

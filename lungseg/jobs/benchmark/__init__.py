@@ -88,7 +88,7 @@ def _segment_config(config: BenchmarkConfig, folder: Path, output: Path) -> Segm
         input=str(folder),
         output=str(output),
         batch_size=config.batch_size,
-        resources=ResourceConfig(use_gpu=config.use_gpu),
+        resources=ResourceConfig(device="gpu" if config.use_gpu else "cpu"),
         overwrite=True,
     )
 
@@ -117,7 +117,8 @@ def _whole_process_sides(config: BenchmarkConfig, folder: Path, work: Path) -> d
     loop += [str(work / f"{folder.name}-loop"), config.model, str(config.batch_size)]
     job = [sys.executable, "-m", "lungseg", "segment", "-q", "--overwrite", "--input"]
     job += [str(folder), "--output", str(work / f"{folder.name}-ray"), "--model", config.model]
-    job += ["--batch-size", str(config.batch_size), *(["--gpu"] if config.use_gpu else [])]
+    job += ["--batch-size", str(config.batch_size)]
+    job += ["--device", "gpu" if config.use_gpu else "cpu"]
     return {
         "plain loop, own process": lambda: _process(*loop),
         "lungseg segment, own process": lambda: _process(*job),
