@@ -70,8 +70,8 @@ def test_every_config_field_is_an_option_and_reaches_the_config():
     field, nested ones too."""
     config = _config(
         build_parser().parse_args(
-            ["train", "--no-augment", "--size", "128", "--depth", "3", "--device", "gpu", "--epochs", "3",
-             "--actor-cpus", "0.5", "--split", "s.json", "--single-process"]
+            ["train", "--no-augment", "--size", "128", "--depth", "3", "--device", "gpu",
+             "--epochs", "3", "--actor-cpus", "0.5", "--split", "s.json", "--single-process"]
         )
     )  # fmt: skip
     assert not config.recipe.augment and config.recipe.epochs == 3 and config.single_process

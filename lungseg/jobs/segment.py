@@ -504,6 +504,7 @@ def segment_cases(
     config, store = plan.config, plan.store
     res = config.resources
     preprocess, models = pools
+    claim.write_manifest(model=config.model)  # its file, for the report (the SHA-256 is a setting)
     table_uri = claim.uri(SEGMENT_TABLE)
     writer = plan.writer()
     kept = resumable(plan, table_uri) if claim.resumed else []
