@@ -234,3 +234,29 @@ def test_progress_lines_show_a_rate_only_over_a_second_of_work():
     progress.advance(5, failed=1)
     assert progress.line(progress.first + 0.5) == "segment: 25/30 images, 2 errors"
     assert progress.stream.getvalue().splitlines()[0].startswith("segment: 10/30 images")
+
+
+def test_a_job_leaves_no_empty_log_behind_and_keeps_one_with_output(tmp_path, monkeypatch):
+    """Native output goes to /tmp/lungseg/<job>-<time>-<pid>.log; an empty one went on piling up
+    there, one per job."""
+    import tempfile
+
+    from lungseg import console
+
+    env = {**LOCAL, "TMPDIR": str(tmp_path)}
+    done = subprocess.run(
+        [sys.executable, "-m", "lungseg", "report", str(tmp_path / "none")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert done.returncode == EXIT_USAGE, done.stderr
+    assert list((tmp_path / "lungseg").iterdir()) == []
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    with console.native_output_aside(console.NORMAL, "segment") as quiet:
+        pass
+    with console.native_output_aside(console.NORMAL, "train") as noisy:
+        os.write(2, b"failed call to cuInit\n")
+    assert not os.path.exists(quiet)
+    assert Path(noisy).read_bytes() == b"failed call to cuInit\n"

@@ -264,6 +264,18 @@ def _pools(config: TrainConfig) -> tuple[pipeline.Pool, float, bool]:
     return pool, worker_cpus, use_gpu
 
 
+RAY_STORAGE_PROBE = ".validate_storage_marker"
+"""The empty file Ray Train writes in its folder to check that every node reaches the storage
+(and checks before each checkpoint): made again by each run, so removed after it."""
+
+
+def _tidy(store: Store, checkpoints: str) -> None:
+    """Remove what Ray Train leaves in the run folder's ``checkpoints/`` besides checkpoints:
+    its storage probe and, on S3, the folder marker objects of its ``create_dir``."""
+    store.delete_file(storage.join(checkpoints, RAY_STORAGE_PROBE))
+    store.remove_folder_markers(checkpoints)
+
+
 def _train(
     config: TrainConfig, data: TrainingData, claim: Claim, progress: Progress
 ) -> TrainResult:
@@ -316,6 +328,7 @@ def _train(
         follower.join()
         progress.finish()
         queue.shutdown()
+        _tidy(store, claim.uri(CHECKPOINTS_DIR))
     model, history = _read_checkpoint(result.checkpoint)
     films = datasets["train"].limit(recipe.CALIBRATION_FILMS).select_columns(["image"]).take_all()
     images = np.stack([row["image"] for row in films])
