@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 import time
 import traceback
@@ -400,7 +401,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 traceback.print_exc()
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
             where = [] if args.debug else ["--debug shows the traceback"]
-            where += [f"Ray's and TensorFlow's own output: {session.log}"] if session.log else []
+            if session.log and os.path.getsize(session.log):  # an empty one goes at exit
+                where += [f"Ray's and TensorFlow's own output: {session.log}"]
             hint = f" ({'; '.join(where)})" if where else ""
             print(
                 f"{prog}: crashed: {type(exc).__name__}: {console.printable(first)[:500]}{hint}",

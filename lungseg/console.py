@@ -46,7 +46,8 @@ def native_output_aside(level: int, command: str):
     Python's ``sys.stderr`` (lungseg's errors) on the console. Yields the log's path, or None.
 
     Ray's own processes, started meanwhile, keep their logs in Ray's session folder
-    (``/tmp/ray/session_latest/logs``) as always.
+    (``/tmp/ray/session_latest/logs``) as always. A log that stayed empty is removed at the end,
+    so that one per job does not pile up in ``/tmp/lungseg``.
     """
     if level >= VERBOSE:
         yield None
@@ -71,6 +72,9 @@ def native_output_aside(level: int, command: str):
         if sys.stderr is not python_stderr:
             sys.stderr.close()
             sys.stderr = python_stderr
+        with contextlib.suppress(OSError):
+            if os.path.getsize(path) == 0:
+                os.remove(path)
 
 
 class Session:

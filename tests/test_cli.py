@@ -70,13 +70,13 @@ def test_every_config_field_is_an_option_and_reaches_the_config():
     field, nested ones too."""
     config = _config(
         build_parser().parse_args(
-            ["train", "--no-augment", "--size", "128", "--depth", "3", "--gpu", "--epochs", "3",
-             "--actor-cpus", "0.5", "--split", "s.json", "--single-process"]
+            ["train", "--no-augment", "--size", "128", "--depth", "3", "--device", "gpu",
+             "--epochs", "3", "--actor-cpus", "0.5", "--split", "s.json", "--single-process"]
         )
     )  # fmt: skip
     assert not config.recipe.augment and config.recipe.epochs == 3 and config.single_process
     assert config.recipe.model == ModelConfig(128, 16, 3) and config.split == "s.json"
-    assert config.resources == ResourceConfig(actor_cpus=0.5, use_gpu=True)
+    assert config.resources == ResourceConfig(actor_cpus=0.5, device="gpu")
     bench = _config(build_parser().parse_args(["benchmark", "--stages", "memory,training",
                                                "--memory-images", "5,10"]))  # fmt: skip
     assert (bench.stages, bench.memory_images) == (("memory", "training"), (5, 10))
@@ -234,3 +234,29 @@ def test_progress_lines_show_a_rate_only_over_a_second_of_work():
     progress.advance(5, failed=1)
     assert progress.line(progress.first + 0.5) == "segment: 25/30 images, 2 errors"
     assert progress.stream.getvalue().splitlines()[0].startswith("segment: 10/30 images")
+
+
+def test_a_job_leaves_no_empty_log_behind_and_keeps_one_with_output(tmp_path, monkeypatch):
+    """Native output goes to /tmp/lungseg/<job>-<time>-<pid>.log; an empty one went on piling up
+    there, one per job."""
+    import tempfile
+
+    from lungseg import console
+
+    env = {**LOCAL, "TMPDIR": str(tmp_path)}
+    done = subprocess.run(
+        [sys.executable, "-m", "lungseg", "report", str(tmp_path / "none")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert done.returncode == EXIT_USAGE, done.stderr
+    assert list((tmp_path / "lungseg").iterdir()) == []
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    with console.native_output_aside(console.NORMAL, "segment") as quiet:
+        pass
+    with console.native_output_aside(console.NORMAL, "train") as noisy:
+        os.write(2, b"failed call to cuInit\n")
+    assert not os.path.exists(quiet)
+    assert Path(noisy).read_bytes() == b"failed call to cuInit\n"

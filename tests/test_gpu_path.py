@@ -33,7 +33,7 @@ def test_gpu_pipeline_writes_what_the_cpu_pipeline_writes(tmp_path, model_path):
     )
     on_cpu = run_segmentation(config)
     on_gpu = run_segmentation(
-        replace(config, output=str(tmp_path / "gpu"), resources=ResourceConfig(use_gpu=True))
+        replace(config, output=str(tmp_path / "gpu"), resources=ResourceConfig(device="gpu"))
     )
     assert (on_gpu.images, on_gpu.flagged, on_gpu.failed) == (5, 0, 0)
     rows = [

@@ -32,7 +32,8 @@ Pool, Cluster = pipeline.Pool, pipeline.Cluster
     ],
 )
 def test_pools_fit_the_node(cpus, gpus, use_gpu, preprocess, model):
-    pools = pipeline.segment_pools(Cluster(cpus, gpus), ResourceConfig(use_gpu=use_gpu))
+    device = "gpu" if use_gpu else "cpu"
+    pools = pipeline.segment_pools(Cluster(cpus, gpus), ResourceConfig(device=device))
     assert pools == (preprocess, model)
     assert pools[0].size_cpus() + pools[1].size_cpus() <= cpus + 1e-9  # never more than there is
 
@@ -55,8 +56,8 @@ def test_given_sizes_are_fixed_and_a_missing_gpu_is_named():
     preprocess, model = pipeline.segment_pools(Cluster(16), fixed, model_actors=1)
     assert (preprocess.min_size, preprocess.max_size, model.max_size) == (3, 3, 1)
     assert model.cpus == 9.6 and model.threads == 10
-    with pytest.raises(UserError, match="--gpu asks for GPUs, but this Ray cluster has none"):
-        pipeline.segment_pools(Cluster(8), ResourceConfig(use_gpu=True))
+    with pytest.raises(UserError, match="--device gpu asks for GPUs, but this Ray cluster has no"):
+        pipeline.segment_pools(Cluster(8), ResourceConfig(device="gpu"))
 
 
 def test_a_preprocessing_pool_alone_starts_at_full_size():

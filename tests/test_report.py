@@ -3,6 +3,8 @@ overlays and report, opened in a real headless Chromium."""
 
 from __future__ import annotations
 
+import html
+import json
 import os
 import shutil
 import subprocess
@@ -16,6 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from lungseg import __version__
 from lungseg.core import draw, imaging
 from lungseg.core.config import ReportConfig
 from lungseg.core.draw import (
@@ -27,6 +30,7 @@ from lungseg.core.draw import (
     OUTLINE_COLOUR,
     TP_COLOUR,
 )
+from lungseg.core.layout import MANIFEST_FILE
 from lungseg.jobs import report
 from lungseg.jobs.segment import SCHEMA
 from tests.conftest import SAMPLE_IDS, copy_sample, labelled_config
@@ -126,6 +130,24 @@ def test_contact_sheet_grid_sizes_and_modes():
     mixed = draw.contact_sheet([("c", [red])], 3)
     assert mixed.shape == (CAPTION_HEIGHT + 32, 40, 3)
     assert mixed[CAPTION_HEIGHT + 5, 5].tolist() == [0, 0, 255]
+
+
+def _assert_captions_fit(sheet: np.ndarray, entries: int, width: int = 256) -> None:
+    """Every caption's ink ends inside its band, short of the band's right edge."""
+    for k in range(entries):
+        band = sheet[:CAPTION_HEIGHT, k * (width + GAP) : k * (width + GAP) + width]
+        inked = np.flatnonzero(
+            (band > 0).any(axis=-1).any(axis=0) if band.ndim == 3 else band.any(0)
+        )
+        assert inked.size and inked[-1] < width - 2, f"caption {k} runs to the edge"
+
+
+def test_a_long_caption_is_drawn_smaller_never_cut_off():
+    tile = np.full((256, 256), 128, np.uint8)
+    captions = ["MCUCXR_0001_0  0.973", "PAT1/SERIES-0001/IM000001.dcm  Dice 0.9731 and more"]
+    sheet = draw.contact_sheet([(c, [tile]) for c in captions], 2)
+    _assert_captions_fit(sheet, 2)
+    assert draw.caption_scale(captions[0], 256) == 0.5 > draw.caption_scale(captions[1], 256)
 
 
 def test_downscale_and_fit_keep_the_aspect_ratio():
@@ -305,15 +327,41 @@ def test_report_job_writes_a_page_chromium_renders_and_sorts(segmented, tmp_path
     overlay = cv2.imread(str(out / scored[0]["overlay"]))
     np.testing.assert_array_equal(worst[CAPTION_HEIGHT:, :256], draw.fit(overlay, 256))
 
+    _assert_captions_fit(worst, 2)
+    text = (out / "report.html").read_text()
+    assert "true positive" in text and "predicted outline" in text  # scored: agreement colours
+    manifest = json.loads((out / MANIFEST_FILE).read_text())
+    settings = manifest["settings"]
+    made = dict(report.provenance(manifest, "NOW"))
+    assert made == {
+        "model": f"{manifest['model']} (SHA-256 {settings['model_sha256']})",
+        "threshold": "0.5",
+        "input": f"{segmented / 'images'}, ground truth {segmented / 'masks'}",
+        "made by": f"lungseg {__version__} segment, complete {manifest['finished']}",
+        "report": f"lungseg {__version__}, NOW",
+    }
+    assert manifest["model"].endswith("model.keras") and len(settings["model_sha256"]) == 64
+    for name, value in made.items():
+        if name != "report":
+            assert f"<dt>{name}</dt><dd>{html.escape(value)}</dd>" in text
+
     page = (out / "report.html").as_uri()
     shown = _table(chromium, page, tmp_path)
     assert len(shown.rows) == len(rows) == 6
-    assert all(len(cells) == 10 for cells in shown.rows)
+    assert all(len(cells) == 12 for cells in shown.rows)
     ids = [cells[0] for cells in shown.rows]
     assert sorted(ids) == sorted(r["id"] for r in rows)
     assert [float(c[1]) for c in shown.rows[:4]] == [r["dice"] for r in scored]  # worst first
-    assert shown.rows[ids.index(SAMPLE_IDS[0])][7] == f"overlays/{SAMPLE_IDS[0]}.png"
-    assert shown.rows[ids.index("broken")][7] == ""
+    first = shown.rows[ids.index(SAMPLE_IDS[0])]
+    by_id = {r["id"]: r for r in rows}
+    assert first[7:10] == [
+        f"masks/{SAMPLE_IDS[0]}.png",
+        f"overlays/{SAMPLE_IDS[0]}.png",
+        Path(by_id[SAMPLE_IDS[0]]["source"]).as_uri(),
+    ]
+    broken = shown.rows[ids.index("broken")]
+    assert broken[7:10] == ["", "", Path(by_id["broken"]["source"]).as_uri()]
+    assert (out / first[7]).is_file() and Path(first[9].removeprefix("file://")).is_file()
     qc_cells = {cells[0]: cells[4:6] for cells in shown.rows}
     assert qc_cells == {
         r["id"]: ["" if r["qc_score"] is None else repr(r["qc_score"]), r["qc"] or ""] for r in rows
@@ -328,10 +376,10 @@ def test_report_job_writes_a_page_chromium_renders_and_sorts(segmented, tmp_path
     assert by_dice.sorted == {"dice": "descending"}
 
     _chromium(
-        chromium, page, tmp_path, f"--screenshot={tmp_path / 'shot.png'}", "--window-size=1280,2000"
+        chromium, page, tmp_path, f"--screenshot={tmp_path / 'shot.png'}", "--window-size=1280,2400"
     )
     shot = cv2.imread(str(tmp_path / "shot.png"))
-    assert shot.shape == (2000, 1280, 3)
+    assert shot.shape == (2400, 1280, 3)
     bottom = 0
     for name in ("histogram", "worst", "best"):
         picture = cv2.imread(str(assets / f"{name}.png"))
@@ -405,6 +453,9 @@ def test_report_without_overlays_or_truth_draws_from_sources(segmented, tmp_path
     assert (result.images, result.failed) == (6, 1)
     page = (out / "report.html").read_text()
     assert "The smallest lung fractions" in page and "report/curves.png" not in page
+    # No ground truth: the legend names the outline alone, no agreement colours.
+    assert "predicted outline" in page
+    assert not any(label in page for _, label in draw.LEGEND)
     rows = [r for r in table.to_pylist() if r["lung_fraction"] is not None]
     smallest = min(rows, key=lambda r: (r["lung_fraction"], r["id"]))
     image = draw.downscale(imaging.load_image(Path(smallest["source"]).read_bytes()))

@@ -51,9 +51,19 @@ def test_train_from_bucket_into_bucket_then_resume(s3, s3_endpoint):
     saved = s3.get_object(Bucket="runs", Key="unet/exp1/config.json")["Body"].read().decode()
     assert json.loads(saved)["data"] == data and S3_SECRET not in saved
 
+    _assert_no_clutter(s3, "runs", keys)
+
     resumed = run_training(replace(config, recipe=replace(config.recipe, epochs=2)))
     assert [row["epoch"] for row in resumed.history] == [1, 2]
     assert resumed.history[0] == first.history[0]
+    _assert_no_clutter(s3, "runs")
+
+
+def _assert_no_clutter(s3, bucket: str, keys: set[str] | None = None) -> None:
+    """No zero-byte folder markers (``folder/``) and no Ray storage probe among the outputs."""
+    keys = keys or {o["Key"] for o in s3.list_objects_v2(Bucket=bucket)["Contents"]}
+    assert not [k for k in keys if k.endswith("/")], "folder markers"
+    assert not [k for k in keys if k.endswith(".validate_storage_marker")], "Ray's probe"
 
 
 def test_segment_bucket_prefix_into_another_bucket(s3, s3_endpoint, tmp_path):
@@ -89,6 +99,7 @@ def test_segment_bucket_prefix_into_another_bucket(s3, s3_endpoint, tmp_path):
     assert S3_SECRET.encode() not in table.to_pandas().to_csv().encode()
     keys = {o["Key"] for o in s3.list_objects_v2(Bucket="results")["Contents"]}
     assert not [k for k in keys if ".parts/" in k], "the journal is removed from the bucket"
+    _assert_no_clutter(s3, "results", keys)
 
     # Resumed in the bucket: the 5 done images are kept, the broken one is tried again.
     resumed = run_segmentation(replace(config, resume=True))
@@ -97,6 +108,7 @@ def test_segment_bucket_prefix_into_another_bucket(s3, s3_endpoint, tmp_path):
     assert sorted(again.to_pylist(), key=lambda r: r["id"]) == sorted(
         rows.values(), key=lambda r: r["id"]
     )
+    _assert_no_clutter(s3, "results")
 
 
 def test_object_gone_mid_run_becomes_error_row(s3, s3_endpoint):

@@ -70,6 +70,12 @@ def _counts(text: str) -> tuple[int, ...]:
     return tuple(int(part) for part in _parts(text))
 
 
+AUTO = "auto"
+"""Settled when the job runs: ``--precision`` bfloat16 where the hardware computes in it (GPUs,
+CPUs with AVX-512 BF16 or AMX), else float32 (:func:`lungseg.stages.pipeline.resolve_precision`);
+``--device`` GPUs where the Ray cluster has any (:func:`lungseg.stages.pipeline.resolve_device`)."""
+
+
 DEFAULT_RUN = "runs/lungseg"
 DEFAULT_SEGMENT_OUTPUT = "out/segment"
 DEFAULT_EVALUATE_OUTPUT = "out/evaluate"
@@ -138,6 +144,10 @@ class RecipeConfig:
         _check(self.patience >= 0, f"--patience must be >= 0 (0: never stop), got {self.patience}")
 
 
+DEVICES = ("cpu", "gpu", AUTO)
+"""Where the model runs (``--device``); ``auto``: GPUs when the Ray cluster has any."""
+
+
 @dataclass(frozen=True)
 class ResourceConfig:
     """Preprocessing actors and their CPUs each, GPUs for the model (None: derived from the
@@ -149,9 +159,24 @@ class ResourceConfig:
     actor_cpus: float | None = option(
         None, "CPUs per preprocessing actor (default: 0.8 up to 4 CPUs a node, else 1)"
     )
-    use_gpu: bool = option(False, "train / segment on GPUs, one each", flag="--gpu")
+    device: str = option(
+        "cpu",
+        "where the model runs: gpu (one GPU per model actor or train worker; refused where the "
+        "Ray cluster has none), cpu, or auto (GPUs when the Ray cluster has any)",
+        choices=DEVICES,
+    )
+
+    @property
+    def use_gpu(self) -> bool:
+        """Whether the model runs on GPUs: ``device`` once made concrete (auto resolved by
+        :func:`lungseg.stages.pipeline.resolve_device`)."""
+        return self.device == "gpu"
 
     def __post_init__(self) -> None:
+        _check(
+            self.device in DEVICES,
+            f"--device must be one of {', '.join(DEVICES)}, got {self.device!r}",
+        )
         _check(
             self.preprocess_actors is None or self.preprocess_actors >= 1,
             f"--preprocess-actors must be at least 1, got {self.preprocess_actors}",
@@ -224,9 +249,6 @@ class TrainConfig:
 PRECISIONS = ("float32", "bfloat16", "float16")
 """What the model computes in: float32, or Keras mixed precision (see
 :func:`lungseg.model.unet.with_precision`)."""
-AUTO = "auto"
-"""bfloat16 where the hardware computes in it (GPUs, CPUs with AVX-512 BF16 or AMX), else
-float32: :func:`lungseg.stages.pipeline.resolve_precision`."""
 
 
 @dataclass(frozen=True)
@@ -249,7 +271,7 @@ class SegmentConfig:
         choices=(AUTO, *PRECISIONS),
     )
     segment_actors: int | None = option(
-        None, "model actors (default: one per GPU with --gpu, else one per 8 CPUs)"
+        None, "model actors (default: one per GPU on GPUs, else one per 8 CPUs)"
     )
     overlays: bool = option(
         False,
@@ -269,9 +291,21 @@ class SegmentConfig:
     overwrite: bool = option(
         False, "replace the earlier run in OUTPUT: the files its ledger lists are removed first"
     )
+    save_probabilities: bool = option(
+        False,
+        "also write OUTPUT/probabilities/<name>.png: the model's lung probability map (0-255 "
+        "for 0-1) at the model's input size, for thresholding or ensembling yourself",
+    )
+    ids: str | None = option(
+        None,
+        "file of the images to segment, one id or path relative to --input a line (blank lines "
+        "and # comments ignored)",
+    )
+    limit: int | None = option(
+        None, "segment only the first LIMIT images, in id order (after --ids)"
+    )
     resources: ResourceConfig = option(ResourceConfig(), "resources")
     s3_endpoint: str | None = _s3_endpoint()
-    ids: tuple[str, ...] | None = option(None, cli=False)  # only these ids (evaluate's split)
 
     def __post_init__(self) -> None:
         if self.input == SAMPLE_IMAGES and self.masks is None:
@@ -287,6 +321,9 @@ class SegmentConfig:
             f"--segment-actors must be at least 1, got {self.segment_actors}",
         )
         _check(not (self.resume and self.overwrite), "--resume and --overwrite exclude each other")
+        _check(
+            self.limit is None or self.limit >= 1, f"--limit must be at least 1, got {self.limit}"
+        )
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -303,6 +340,13 @@ class EvaluateConfig(SegmentConfig):
         f"{BUNDLED_SPLIT})",
     )
     subset: str = option("val", "which list of the --split file")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check(
+            self.split is None or self.ids is None,
+            "--split and --ids exclude each other: both say which images to evaluate",
+        )
 
 
 @dataclass(frozen=True)
@@ -382,7 +426,7 @@ class CleanConfig:
     sheet: int = option(8, "images on the contact sheet, first by id")
     batch_size: int = option(PREPROCESS_BATCH, "most images per actor call")
     params: CleanParams = option(CleanParams(), "cleaning steps")
-    resources: ResourceConfig = option(ResourceConfig(), "resources", without=("use_gpu",))
+    resources: ResourceConfig = option(ResourceConfig(), "resources", without=("device",))
     s3_endpoint: str | None = _s3_endpoint()
 
     def __post_init__(self) -> None:

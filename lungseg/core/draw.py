@@ -121,11 +121,23 @@ def _draw_legend(
         )
 
 
+_CAPTION_SCALE, _MARGIN = 0.5, 6  # the caption font's size, pixels left free either side
+
+
+def caption_scale(caption: str, width: int) -> float:
+    """The font scale at which ``caption`` fits a band ``width`` pixels wide with its margins:
+    the usual size, smaller for a long caption (a path id), which is never cut off."""
+    text_w = cv2.getTextSize(caption, _FONT, _CAPTION_SCALE, 1)[0][0]
+    room = width - 2 * _MARGIN
+    return _CAPTION_SCALE if text_w <= room else _CAPTION_SCALE * room / text_w
+
+
 def contact_sheet(entries: Sequence[tuple[str, Sequence[np.ndarray]]], columns: int) -> np.ndarray:
     """Captioned entries, each one or more equal ``uint8`` tiles side by side, in a grid.
 
     ``columns`` entries per row, :data:`GAP` pixels between entries, a black
-    :data:`CAPTION_HEIGHT` band with the caption in white above each entry. Every entry has as
+    :data:`CAPTION_HEIGHT` band with the caption in white above each entry, smaller where it
+    would not fit (:func:`caption_scale`). Every entry has as
     many tiles, all of one height and width; the sheet is BGR when any tile is, else gray.
     """
     colour = any(tile.ndim == 3 for _, tiles in entries for tile in tiles)
@@ -138,7 +150,8 @@ def contact_sheet(entries: Sequence[tuple[str, Sequence[np.ndarray]]], columns: 
     for k, (caption, tiles) in enumerate(entries):
         y, x = (k // columns) * (cell_h + GAP), (k % columns) * (cell_w + GAP)
         sheet[y : y + CAPTION_HEIGHT, x : x + cell_w] = 0
-        cv2.putText(sheet, caption, (x + 6, y + 17), _FONT, 0.5, white, 1, cv2.LINE_AA)
+        scale = caption_scale(caption, cell_w)
+        cv2.putText(sheet, caption, (x + _MARGIN, y + 17), _FONT, scale, white, 1, cv2.LINE_AA)
         for j, tile in enumerate(tiles):
             if colour and tile.ndim == 2:
                 tile = cv2.cvtColor(tile, cv2.COLOR_GRAY2BGR)

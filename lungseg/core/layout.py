@@ -28,6 +28,7 @@ OVERLAYS_DIR = "overlays"
 DICOM_SEG_DIR = "dicom-seg"
 NO_DICOM_SEG = "no DICOM SEG written"
 """The start of the ``error`` of a ``flagged`` DICOM image whose SEG could not be made."""
+PROBABILITIES_DIR = "probabilities"
 SUMMARY_FILE = "summary.json"
 # report (beside a segment output)
 REPORT_FILE = "report.html"
@@ -85,12 +86,13 @@ SEGMENT = Layout(
         LABELS_DIR,
         OVERLAYS_DIR,
         DICOM_SEG_DIR,
+        PROBABILITIES_DIR,
         SUMMARY_FILE,
         REPORT_FILE,
         REPORT_ASSETS,
     ),
     SEGMENT_TABLE,
-    ("mask", "labels", "overlay", "dicom_seg"),
+    ("mask", "labels", "overlay", "probability", "dicom_seg"),
 )
 """A segment or evaluate job's output root, and the report written into it."""
 CLEAN = Layout(

@@ -126,6 +126,7 @@ class Catalog:
     cases: tuple[Case, ...]
     orphan_masks: tuple[str, ...]
     skipped: tuple[tuple[str, str], ...] = ()
+    root: str = ""  # where the images were found, in the form of their URIs
 
     @property
     def labelled(self) -> tuple[Case, ...]:
@@ -137,16 +138,28 @@ class Catalog:
         """Cases without a mask."""
         return tuple(c for c in self.cases if not c.masks)
 
-    def select(self, ids: Iterable[str]) -> tuple[Case, ...]:
-        """The cases of ``ids``, in id order; an unknown id is a :class:`CatalogError`."""
-        by_id = {c.id: c for c in self.cases}
-        wanted = sorted(set(ids))
-        missing = [i for i in wanted if i not in by_id]
-        if missing:
-            raise CatalogError(
-                f"{len(missing)} requested ids are not in the catalog: {first_few(missing)}"
-            )
-        return tuple(by_id[i] for i in wanted)
+    def select(
+        self, wanted: Iterable[str] | None = None, limit: int | None = None, source: str = ""
+    ) -> tuple[Case, ...]:
+        """The images a job does: those of ``wanted`` (ids, or image paths relative to the
+        root) or all, in id order, then the first ``limit`` of them. An entry that matches no
+        image is a :class:`CatalogError` naming the first few (and ``source``, their file)."""
+        cases = self.cases
+        if wanted is not None:
+            prefix = self.root.rstrip("/") + "/"
+            by_key = {c.image.removeprefix(prefix): c for c in cases if self.root}
+            by_key |= {c.id: c for c in cases}
+            wanted = {w.removeprefix("./") for w in wanted}
+            missing = sorted(w for w in wanted if w not in by_key)
+            if missing:
+                where = f" of {source}" if source else ""
+                raise CatalogError(
+                    f"{len(missing)} requested ids{where} match no image"
+                    f"{f' under {self.root}' if self.root else ''}: {first_few(missing)}"
+                )
+            chosen = {by_key[w].id: by_key[w] for w in wanted}
+            cases = tuple(chosen[i] for i in sorted(chosen))
+        return cases if limit is None else cases[:limit]
 
     def summary(self) -> str:
         """One line: counts of images, labelled, unlabelled (with a few ids) and orphan masks."""
@@ -392,7 +405,9 @@ def find_cases(images: str, masks: str | None = None, store: Store = DEFAULT_STO
         stamps = (f.stamp, *(m.stamp for m in paired))
         cases.append(Case(i, f.uri, tuple(m.uri for m in paired), names[i], stamps))
     orphans = sorted(m.uri for i, ms in masks_by_id.items() if i not in by_id for m in ms)
-    return Catalog(cases=tuple(cases), orphan_masks=tuple(orphans), skipped=tuple(skipped))
+    root = store.resolve(images)[1]
+    root = f"{urlparse(images).scheme}://{root}" if is_remote(images) else root
+    return Catalog(tuple(cases), tuple(orphans), tuple(skipped), root)
 
 
 def _image_ids(files: list[_File]) -> tuple[dict[str, _File], set[str]]:
@@ -440,6 +455,20 @@ def split_ids(ids: Iterable[str], val_fraction: float) -> tuple[list[str], list[
         n_val = max(n_val, 1)
     ranked = sorted(ids, key=lambda i: hashlib.sha256(i.encode()).hexdigest())
     return sorted(ranked[n_val:]), sorted(ranked[:n_val])
+
+
+def read_ids(uri: str, store: Store) -> tuple[str, ...]:
+    """The entries of an ids file (``--ids``): one id or relative image path a line, blank
+    lines and lines starting with ``#`` left out (an id may hold a ``#``); a file of none is
+    a :class:`CatalogError`."""
+    try:
+        text = store.read_bytes(uri).decode()
+    except UnicodeDecodeError as exc:
+        raise CatalogError(f"{uri}: not a text file of ids ({exc})") from exc
+    ids = tuple(entry for line in text.splitlines() if (entry := line.strip()) and entry[0] != "#")
+    if not ids:
+        raise CatalogError(f"{uri}: no ids in it (one id or relative path a line)")
+    return ids
 
 
 def read_split(uri: str, store: Store) -> dict[str, list[str]]:

@@ -141,6 +141,10 @@ def _s3(endpoint: str | None) -> pafs.S3FileSystem:
         "connect_timeout": 5,
         "request_timeout": 60,
         "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=3),
+        # create_dir (Ray Train's, for a run folder and its parents) writes a zero-byte
+        # ``folder/`` marker object for each folder it does not find: where the folder already
+        # holds objects (a run folder holds its manifest before Ray starts), none
+        "check_directory_existence_before_creation": True,
     }
     if endpoint:
         parsed = urlparse(endpoint)
@@ -241,8 +245,16 @@ class Store:
         return {i.path[start:]: i.size for i in infos if i.type == pafs.FileType.File}
 
     def delete_file(self, uri: str) -> None:
-        """Delete one file or object; nothing if it is absent."""
+        """Delete one file or object; nothing if it is absent.
+
+        On S3 through boto3: pyarrow's client, deleting a folder's last object, writes a
+        zero-byte ``folder/`` marker object in its place (to keep the folder "existing"), and
+        those pile up in a job's outputs.
+        """
         fs, path = self.resolve(uri)
+        if isinstance(fs, pafs.S3FileSystem):
+            _delete_on_s3(self, uri, [path])
+            return
         with explained(uri):
             if fs.get_file_info(path).type == pafs.FileType.File:
                 fs.delete_file(path)
@@ -280,14 +292,46 @@ class Store:
         """
         fs, path = self.resolve(source)
         with explained(target):
-            fs.move(path, self.resolve(target)[1])
+            if not isinstance(fs, pafs.S3FileSystem):
+                fs.move(path, self.resolve(target)[1])
+                return
+            fs.copy_file(path, self.resolve(target)[1])
+        self.delete_file(source)  # not pyarrow's move, which leaves a folder marker
 
     def remove_tree(self, uri: str) -> None:
         """Delete the folder or prefix ``uri`` and everything under it; nothing if it is absent."""
         fs, path = self.resolve(uri)
+        if isinstance(fs, pafs.S3FileSystem):  # not pyarrow's delete_dir: it leaves a marker
+            with explained(uri):
+                infos = fs.get_file_info(
+                    pafs.FileSelector(path, recursive=True, allow_not_found=True)
+                )
+            # its objects, and the markers of its folders and of itself where a tool left any
+            folders = [i.path for i in infos if i.type == pafs.FileType.Directory] + [path]
+            files = [i.path for i in infos if i.type == pafs.FileType.File]
+            _delete_on_s3(self, uri, files + [f"{folder}/" for folder in folders])
+            return
         with explained(uri):
             if fs.get_file_info(path).type != pafs.FileType.NotFound:
                 fs.delete_dir(path)
+
+    def remove_folder_markers(self, uri: str) -> None:
+        """Delete the zero-byte ``folder/`` marker objects under the S3 prefix ``uri`` (and its
+        own), which pyarrow's ``create_dir`` leaves where Ray Train makes its folders; nothing
+        on a local disk, where folders are folders."""
+        fs, path = self.resolve(uri)
+        if not isinstance(fs, pafs.S3FileSystem):
+            return
+        bucket, _, prefix = path.partition("/")
+        pages = _boto(self.endpoint).get_paginator("list_objects_v2")
+        with explained(uri):
+            markers = [
+                f"{bucket}/{item['Key']}"
+                for page in pages.paginate(Bucket=bucket, Prefix=f"{prefix}/")
+                for item in page.get("Contents", [])
+                if item["Key"].endswith("/") and item["Size"] == 0
+            ]
+        _delete_on_s3(self, uri, markers)
 
     def file_type(self, uri: str) -> pafs.FileType:
         """What ``uri`` is (file, folder, not found); a missing bucket is a StorageError."""
@@ -308,13 +352,13 @@ class Store:
         probe of this call's own, so that jobs starting at once do not delete each other's); on
         S3, first when there are no credentials to write with (:meth:`check_credentials`)."""
         probe = join(root, f"{WRITE_PROBE}.{uuid.uuid4().hex}")
-        fs, path = self.resolve(probe)
+        fs = self.resolve(probe)[0]
         if isinstance(fs, pafs.S3FileSystem):
             self.check_credentials(root)  # before anything is written (a probe, a lock)
             self.file_type(root)  # a missing bucket is named as such
         self.write_bytes(probe, b"")
         with explained(root):
-            fs.delete_file(path)
+            self.delete_file(probe)
 
     def check_credentials(self, uri: str) -> None:
         """Refuse to write to the S3 ``uri`` without credentials, saying where lungseg looked.
@@ -366,25 +410,67 @@ def _boto(endpoint: str | None):
     return boto3.client("s3", endpoint_url=endpoint, config=config)
 
 
+_DELETE_BATCH = 1000  # the most keys of one S3 DeleteObjects request
+
+
+def _delete_on_s3(store: Store, uri: str, paths: list[str]) -> None:
+    """Delete the objects ``paths`` (``bucket/key``; absent ones are no error), without leaving
+    folder markers behind as pyarrow does."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    by_bucket: dict[str, set[str]] = {}
+    for path in paths:
+        bucket, _, key = path.partition("/")
+        if key:
+            by_bucket.setdefault(bucket, set()).add(key)
+    try:
+        for bucket, keys in by_bucket.items():
+            ordered = sorted(keys)
+            for start in range(0, len(ordered), _DELETE_BATCH):
+                batch = [{"Key": key} for key in ordered[start : start + _DELETE_BATCH]]
+                done = _boto(store.endpoint).delete_objects(
+                    Bucket=bucket, Delete={"Objects": batch, "Quiet": True}
+                )
+                if done.get("Errors"):
+                    first = done["Errors"][0]
+                    raise StorageError(
+                        f"{uri}: could not delete s3://{bucket}/{first.get('Key')}: "
+                        f"{first.get('Message') or first.get('Code')}"
+                    )
+    except (BotoCoreError, ClientError) as exc:
+        raise _s3_error(uri, exc) from exc
+
+
+def _s3_error(uri: str, exc: Exception) -> StorageError:
+    """A boto3 failure as the :class:`StorageError` that says why: no credentials (and where
+    lungseg looked), access denied, no such bucket, as the pyarrow path says them."""
+    from botocore.exceptions import ClientError, NoCredentialsError
+
+    if isinstance(exc, NoCredentialsError):
+        return StorageError(f"{uri}: {_no_credentials()}")
+    if isinstance(exc, ClientError):
+        code = exc.response.get("Error", {}).get("Code", "")
+        reason = next((why for c, why in _REASONS if c.replace("_", "") in code.upper()), code)
+        return StorageError(f"{uri}: {reason or exc}")
+    return StorageError(f"{uri}: {exc}")
+
+
 def _create_on_s3(store: Store, uri: str, path: str, data: bytes) -> bool:
     """:meth:`Store.create_exclusive` on S3 (``path`` is ``bucket/key``)."""
-    from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
+    from botocore.exceptions import BotoCoreError, ClientError
 
     bucket, key = path.split("/", 1)
     try:
         _boto(store.endpoint).put_object(Bucket=bucket, Key=key, Body=data, IfNoneMatch="*")
         return True
-    except NoCredentialsError as exc:
-        raise StorageError(f"{uri}: {_no_credentials()}") from exc
     except ClientError as exc:
         code = exc.response.get("Error", {}).get("Code", "")
         if code in ("PreconditionFailed", "ConditionalRequestConflict"):
             return False  # another writer was first
         if code not in ("NotImplemented", "501"):
-            reason = next((why for c, why in _REASONS if c.replace("_", "") in code.upper()), code)
-            raise StorageError(f"{uri}: {reason or exc}") from exc
+            raise _s3_error(uri, exc) from exc
     except BotoCoreError as exc:
-        raise StorageError(f"{uri}: {exc}") from exc
+        raise _s3_error(uri, exc) from exc
     if store.file_type(uri) != pafs.FileType.NotFound:  # no conditional writes: read back
         return False
     store.write_bytes(uri, data)

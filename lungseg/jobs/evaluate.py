@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import replace
 from statistics import mean, median
 
 import pyarrow.parquet as pq
@@ -93,21 +92,23 @@ def run_evaluation(
     progress: Progress | None = None,
     start_ray: Callable[[], None] = pipeline.attach,
 ) -> dict:
-    """Segment the labelled images (only ``config.subset`` of the ``config.split`` file, when
-    given) and write ``summary.json`` beside the per-image Parquet; returns the summary. The
-    same steps as :func:`lungseg.jobs.segment.run_segmentation`: plan, Ray, claim, segment, then the
-    summary into the same claim."""
+    """Segment the labelled images (only ``config.subset`` of the ``config.split`` file, or
+    those of ``config.ids``, when given; the first ``config.limit``) and write ``summary.json``
+    beside the per-image Parquet; returns the summary. The same steps as
+    :func:`lungseg.jobs.segment.run_segmentation`: plan, Ray, claim, segment, then the summary
+    into the same claim."""
     store = Store.for_job(config.s3_endpoint)
+    wanted = None
     if config.split is not None:
         subsets = read_split(config.split, store)
         if config.subset not in subsets:
             raise UserError(
                 f"{config.split} has no subset {config.subset!r}: it has {', '.join(subsets)}"
             )
-        config = replace(config, ids=tuple(subsets[config.subset]))
-    plan = plan_segmentation(config, {"--split": config.split})
+        wanted = tuple(subsets[config.subset])
+    plan = plan_segmentation(config, {"--split": config.split}, wanted)
     start_ray()
-    pools = plan.pools()
+    plan, pools = plan.placed()
     with plan.claimed("evaluate") as claim:
         result = segment_cases(plan, pools, claim, progress or Progress())
         fs, path = store.resolve(result.table)

@@ -9,16 +9,21 @@ every image. Runs without Ray or Keras.
 from __future__ import annotations
 
 import csv
+import datetime
 import html
 import io
+import os
 import statistics
 from collections import Counter
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from urllib.parse import quote
 
 import numpy as np
 import pyarrow.parquet as pq
 
+from lungseg import __version__
 from lungseg.core import draw, imaging
 from lungseg.core.config import ReportConfig
 from lungseg.core.layout import (
@@ -89,11 +94,10 @@ def _sheet_tile(row: dict, root: str, store: Store) -> np.ndarray:
     return draw.fit(picture, draw.TILE)
 
 
-def _sheet_png(rows: list[dict], key: str, label: str, root: str, store: Store) -> bytes:
-    """A contact sheet of ``rows``' overlays, captioned with id and ``label`` ``row[key]``."""
-    entries = [
-        (f"{row['id']}  {label} {row[key]:.3f}", [_sheet_tile(row, root, store)]) for row in rows
-    ]
+def _sheet_png(rows: list[dict], key: str, root: str, store: Store) -> bytes:
+    """A contact sheet of ``rows``' overlays, captioned with id and ``row[key]`` (the page says
+    what the number is: a caption with its name no longer fits a tile)."""
+    entries = [(f"{row['id']}  {row[key]:.3f}", [_sheet_tile(row, root, store)]) for row in rows]
     return imaging.encode_image(draw.contact_sheet(entries, draw.SHEET_COLUMNS))
 
 
@@ -125,6 +129,31 @@ def _summary(rows: list[dict], borrowed: str | None = None) -> list[tuple[str, s
     ]
 
 
+def provenance(manifest: Mapping, now: str) -> list[tuple[str, str]]:
+    """What made the outputs the report shows, from their manifest (``lungseg.json``), and the
+    report itself (written ``now``), as (name, value) pairs: a page that reaches a colleague
+    without its folder still says which model, cut and images it shows."""
+    settings = manifest.get("settings", {})
+    unknown = "not recorded"
+    model = manifest.get("model") or unknown
+    inputs = str(settings.get("input") or unknown)
+    if settings.get("masks"):
+        inputs += f", ground truth {settings['masks']}"
+    chosen = [f"--ids {settings['ids']}"] * bool(settings.get("ids"))
+    chosen += [f"--limit {settings['limit']}"] * bool(settings.get("limit"))
+    if chosen:
+        inputs += f" ({', '.join(chosen)})"
+    when = manifest.get("finished") or manifest.get("started") or unknown
+    return [
+        ("model", f"{model} (SHA-256 {settings.get('model_sha256') or unknown})"),
+        ("threshold", str(settings.get("threshold", unknown))),
+        ("input", inputs),
+        ("made by", f"lungseg {manifest.get('lungseg') or unknown} {manifest.get('job', '')}, "
+                    f"{manifest.get('state', unknown)} {when}"),
+        ("report", f"lungseg {__version__}, {now}"),
+    ]  # fmt: skip
+
+
 # Table columns: (row key, heading, numeric).
 _COLUMNS = (
     ("id", "id", False),
@@ -134,7 +163,9 @@ _COLUMNS = (
     ("qc_score", "QC score", True),
     ("qc", "QC", False),
     ("status", "status", False),
+    ("mask", "mask", False),
     ("overlay", "overlay", False),
+    ("source", "source", False),
     ("error", "error", False),
     ("qc_reason", "QC reason", False),
 )
@@ -198,13 +229,21 @@ def _cell(row: dict, key: str, numeric: bool) -> str:
     value = row[key]
     if value is None:
         return '<td data-value=""></td>'
-    if key == "overlay":
-        link = html.escape(quote(value))  # a key under the output root, where the page is
-        return f'<td data-value="{link}"><a href="{link}">overlay</a></td>'
+    if key in ("mask", "overlay") or (key == "source" and not storage.is_remote(value)):
+        # mask and overlay: keys under the output root, where the page is; a local source: its
+        # path (absolute, or relative to the output root)
+        absolute = key == "source" and os.path.isabs(value)
+        link = html.escape(Path(value).as_uri() if absolute else quote(value))
+        return f'<td data-value="{link}"><a href="{link}">{key}</a></td>'
     if numeric:
         return f'<td class="number" data-value="{value!r}">{value:.4f}</td>'
     text = html.escape(str(value))
     return f'<td data-value="{text}">{text}</td>'
+
+
+def _pairs(pairs: Iterable[tuple[str, str]]) -> str:
+    items = "".join(f"<dt>{html.escape(k)}</dt><dd>{html.escape(v)}</dd>" for k, v in pairs)
+    return f"<dl>{items}</dl>"
 
 
 def render_html(
@@ -213,9 +252,11 @@ def render_html(
     pictures: dict[str, str],
     key: str,
     review: list[dict] = (),
+    made: list[tuple[str, str]] = (),
 ) -> str:
-    """The report page: summary, pictures (``name -> relative path``), the reasons of the
-    ``review`` sheet's images, and the sortable table."""
+    """The report page: what ``made`` it (:func:`provenance`), summary, pictures (``name ->
+    relative path``), the reasons of the ``review`` sheet's images, and the sortable table.
+    Without a ground truth (``key`` is not Dice) the legends name the outline only."""
     _, worst_title, best_title = _RANKINGS[key]
     sent = sum(row["qc"] == REVIEW for row in rows)
     titles = {
@@ -226,16 +267,16 @@ def render_html(
         "best": best_title,
         "curves": "Training curves",
     }
+    agreement = draw.LEGEND if key == "dice" else ()
     legend = "".join(
         f'<span class="swatch" style="background:{_hex(c)}"></span>{label}'
-        for c, label in (*draw.LEGEND, (draw.OUTLINE_COLOUR, "predicted outline"))
+        for c, label in (*agreement, (draw.OUTLINE_COLOUR, "predicted outline"))
     )
     parts = [
         '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">',
         f"<title>lungseg report</title><style>{_STYLE}</style></head><body>",
-        "<h1>Lung segmentation report</h1><dl>",
-        *(f"<dt>{html.escape(name)}</dt><dd>{html.escape(value)}</dd>" for name, value in summary),
-        "</dl>",
+        "<h1>Lung segmentation report</h1>",
+        *(_pairs(pairs) for pairs in (made, summary) if pairs),
     ]
     for name, path in pictures.items():
         parts.append(f"<h2>{titles[name]}</h2>")
@@ -308,17 +349,19 @@ def _report(config: ReportConfig, claim: outputs.Claim, store: Store) -> ReportR
     if ranked:
         pngs["histogram"] = draw.histogram_png([row[key] for row in ranked], _RANKINGS[key][0])
     if review:
-        pngs["review"] = _sheet_png(review, "qc_score", "QC", config.output, store)
+        pngs["review"] = _sheet_png(review, "qc_score", config.output, store)
     for name, chosen in (("worst", worst), ("best", best)):
         if chosen:
-            pngs[name] = _sheet_png(chosen, key, _RANKINGS[key][0], config.output, store)
+            pngs[name] = _sheet_png(chosen, key, config.output, store)
     if config.run is not None:
         pngs["curves"] = draw.curves_png(read_metrics(config.run, store))
     pictures = {name: f"{REPORT_ASSETS}/{name}.png" for name in pngs}
     for name, data in pngs.items():
         claim.write(pictures[name], data)
     borrowed = claim.manifest.get("settings", {}).get("qc_calibration_borrowed")
-    page = render_html(rows, _summary(rows, borrowed), pictures, key, review)
+    now = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+    made = provenance(claim.manifest, now)
+    page = render_html(rows, _summary(rows, borrowed), pictures, key, review, made)
     html_uri = claim.write(REPORT_FILE, page.encode())
     return ReportResult(
         html=html_uri,

@@ -39,6 +39,7 @@ from lungseg.core.layout import (
     NO_TRUTH,
     OK,
     OVERLAYS_DIR,
+    PROBABILITIES_DIR,
     REVIEW,
     SEGMENT,
     SEGMENT_TABLE,
@@ -64,6 +65,7 @@ SCHEMA = pa.schema(
         ("mask", pa.string()),
         ("labels", pa.string()),
         ("overlay", pa.string()),
+        ("probability", pa.string()),
         ("dicom_seg", pa.string()),
         ("height", pa.int32()),
         ("width", pa.int32()),
@@ -94,6 +96,7 @@ SCHEMA = pa.schema(
         ("mask_fingerprint", pa.string()),
         ("labels_fingerprint", pa.string()),
         ("overlay_fingerprint", pa.string()),
+        ("probability_fingerprint", pa.string()),
         ("dicom_seg_fingerprint", pa.string()),
     ]
 )
@@ -142,9 +145,9 @@ def tensorflow_threads(intra_op: int) -> None:
 class MaskWriter:
     """How a batch of probabilities becomes files and table rows under ``output``: cut at
     ``threshold``, scored by quality control in ``calibration``'s units, with an overlay each
-    when ``overlays``, with a DICOM Segmentation of each DICOM image drawn by ``dicom_seg``
-    when given; ``truth_required`` (ground-truth masks were given) flags an image without
-    one."""
+    when ``overlays``, the probability map when ``probabilities``, and a DICOM Segmentation
+    of each DICOM image drawn by ``dicom_seg`` when given; ``truth_required`` (ground-truth
+    masks were given) flags an image without one."""
 
     output: str
     threshold: float
@@ -152,12 +155,22 @@ class MaskWriter:
     store: Store
     overlays: bool = False
     truth_required: bool = False
+    probabilities: bool = False
     dicom_seg: dicomseg.Algorithm | None = None
+
+    def files(self) -> tuple[str, ...]:
+        """The table's columns that name a file of every image, in the order of :meth:`keys`
+        (a DICOM image's SEG, ``dicom_seg``, comes after them)."""
+        return ("mask", "labels", *self._optional("overlay", "probability"))
+
+    def _optional(self, overlay: str, probability: str) -> tuple[str, ...]:
+        return (overlay,) * self.overlays + (probability,) * self.probabilities
 
     def keys(self, name: str) -> list[str]:
         """The files that may be written for the case whose output name is ``name``, relative
-        to the root (a SEG only where the image turns out to be DICOM)."""
-        folders = (MASKS_DIR, LABELS_DIR, *((OVERLAYS_DIR,) if self.overlays else ()))
+        to the root: those of :meth:`files`, then a SEG (where the image turns out to be
+        DICOM)."""
+        folders = (MASKS_DIR, LABELS_DIR, *self._optional(OVERLAYS_DIR, PROBABILITIES_DIR))
         seg = [f"{DICOM_SEG_DIR}/{name}.dcm"] if self.dicom_seg is not None else []
         return [f"{folder}/{name}.png" for folder in folders] + seg
 
@@ -176,7 +189,9 @@ class MaskWriter:
         the output root, and their fingerprints. ``lung_area_mm2`` (and its ``right_``/``left_``
         parts) is the pixel count times the pixel area (row x column spacing), null where the
         spacing is unknown. With ``overlays`` (the batch then has ``display_png``), the overlay
-        goes to ``overlays/<name>.png``. With ``dicom_seg`` (the batch then has
+        goes to ``overlays/<name>.png``; with ``probabilities``, the model's probabilities (the
+        batch's ``probability``, 0-255 at the model's input size) to
+        ``probabilities/<name>.png``. With ``dicom_seg`` (the batch then has
         ``dicom_header``), a DICOM image's labels also go to ``dicom-seg/<name>.dcm``
         (:func:`lungseg.core.dicomseg.segmentation`); one that cannot be made (a header without
         the UIDs to reference) flags the image, its PNGs written. ``qc_score``, ``qc`` (``ok``
@@ -200,19 +215,24 @@ class MaskWriter:
             doubts = list(quality.reasons) if quality.implausible else []
             mask = imaging.resize_mask(small, height, width)
             split = imaging.lungs_split(small)
-            mask_key, labels_key, *more = self.keys(name)
-            row = _row(case_id, source, OK, mask=mask_key, labels=labels_key, **read)
-            row["mask_fingerprint"] = self._write(mask_key, imaging.encode_png(mask))
+            paths = self.keys(name)
+            files = self.files()
+            keys = dict(zip(files, paths[: len(files)], strict=True))
+            row = _row(case_id, source, OK, **keys, **read)
+            row["mask_fingerprint"] = self._write(keys["mask"], imaging.encode_png(mask))
             labels = imaging.lung_labels(mask, split)
-            row["labels_fingerprint"] = self._write(labels_key, imaging.encode_image(labels))
+            row["labels_fingerprint"] = self._write(keys["labels"], imaging.encode_image(labels))
+            if self.probabilities:
+                picture = imaging.encode_image(batch["probability"][i])
+                row["probability_fingerprint"] = self._write(keys["probability"], picture)
             if self.dicom_seg is not None and len(batch["dicom_header"][i]):
                 try:
                     seg = dicomseg.segmentation(batch["dicom_header"][i], labels, self.dicom_seg)
                 except Exception as exc:  # a header that cannot be referenced: the PNGs stand
                     doubts.append(f"{NO_DICOM_SEG}: {exc}")
                 else:
-                    row["dicom_seg"] = more[-1]
-                    row["dicom_seg_fingerprint"] = self._write(more[-1], seg)
+                    row["dicom_seg"] = paths[-1]
+                    row["dicom_seg_fingerprint"] = self._write(paths[-1], seg)
             right = imaging.right_columns(width, split)
             pixels = {"": cv2.countNonZero(mask), "right_": cv2.countNonZero(mask[:, :right])}
             pixels["left_"] = pixels[""] - pixels["right_"]
@@ -245,9 +265,8 @@ class MaskWriter:
             if doubts:
                 row |= {"status": FLAGGED, "error": "; ".join(doubts)}
             if self.overlays:
-                row["overlay"] = more[0]
                 picture = _overlay(batch["display_png"][i], mask, truth)
-                row["overlay_fingerprint"] = self._write(more[0], picture)
+                row["overlay_fingerprint"] = self._write(keys["overlay"], picture)
             return row
         except Exception as exc:  # a bad image becomes an error row, never a crashed job
             return _row(case_id, source, error=f"{type(exc).__name__}: {exc}", **read)
@@ -398,18 +417,19 @@ class SegmentPlan:
     found: catalog.Catalog
     cases: tuple[catalog.Case, ...]
     reads: dict[str, str | None]
+    selected: bool = False  # the cases are some of the catalog's (--ids, --limit, a split)
 
     def settings(self) -> dict:
         """Every setting that changes a segment job's outputs: what its manifest records, and
         what a resumed run must share with the run it goes on with."""
         config = self.config
-        ids = None if config.ids is None else sorted(config.ids)
+        ids = "\n".join(case.id for case in self.cases)
         return {
             "input": config.input,
             "masks": config.masks,
-            "ids_sha256": None
-            if ids is None
-            else hashlib.sha256("\n".join(ids).encode()).hexdigest(),
+            "ids": config.ids,
+            "limit": config.limit,
+            "ids_sha256": hashlib.sha256(ids.encode()).hexdigest() if self.selected else None,
             "model_sha256": self.model.sha256,
             "model_input_size": self.model.size,
             "qc_calibration": asdict(self.scoring),
@@ -418,6 +438,7 @@ class SegmentPlan:
             "precision": config.precision,
             "batch_size": config.batch_size,
             "overlays": config.overlays,
+            "save_probabilities": config.save_probabilities,
             "dicom_seg": config.dicom_seg,
         }
 
@@ -430,22 +451,27 @@ class SegmentPlan:
             store=self.store,
             overlays=config.overlays,
             truth_required=config.masks is not None,
+            probabilities=config.save_probabilities,
             dicom_seg=dicomseg.Algorithm(self.model.sha256, self.model.size, config.threshold)
             if config.dicom_seg
             else None,
         )
 
-    def pools(self) -> tuple[pipeline.Pool, pipeline.Pool]:
-        """The preprocessing and model actor pools on the Ray cluster this process is attached
-        to (:func:`lungseg.stages.pipeline.segment_pools`), refused where they could never start."""
+    def placed(self) -> tuple[SegmentPlan, tuple[pipeline.Pool, pipeline.Pool]]:
+        """On the Ray cluster this process is attached to: the plan with its device and
+        precision made concrete (what the manifest records: :func:`lungseg.stages.pipeline.
+        resolve_device`, :func:`~lungseg.stages.pipeline.resolve_precision`) and its
+        preprocessing and model actor pools (:func:`lungseg.stages.pipeline.segment_pools`),
+        refused where they could never start."""
         on = pipeline.cluster()
-        preprocess, models = pipeline.segment_pools(
-            on, self.config.resources, self.config.segment_actors
-        )
+        resources = pipeline.resolve_device(self.config.resources, on)
+        precision = pipeline.resolve_precision(self.config.precision, resources.use_gpu)
+        plan = replace(self, config=replace(self.config, resources=resources, precision=precision))
+        preprocess, models = pipeline.segment_pools(on, resources, self.config.segment_actors)
         pipeline.check_fits(
             {"--preprocess-actors/--actor-cpus": preprocess, "--segment-actors": models}, on
         )
-        return preprocess, models
+        return plan, (preprocess, models)
 
     def claimed(self, job: str) -> contextlib.AbstractContextManager[outputs.Claim]:
         """Hold the output root for this run (:func:`lungseg.runs.outputs.claimed`)."""
@@ -462,33 +488,40 @@ class SegmentPlan:
 
 
 def plan_segmentation(
-    config: SegmentConfig, reads: dict[str, str | None] | None = None
+    config: SegmentConfig,
+    reads: dict[str, str | None] | None = None,
+    wanted: tuple[str, ...] | None = None,
 ) -> SegmentPlan:
     """Everything of a segment job that needs no Ray, checked before any work: where it reads
-    and writes (apart), with ``dicom_seg`` highdicom, the catalog, then the model (loaded once,
-    here, and refused in one line unless it maps one X-ray to one map of probabilities: it
-    costs TensorFlow's start). ``reads`` adds to what the job reads (an evaluation's split
-    file)."""
+    and writes (apart), with ``dicom_seg`` highdicom, the catalog and the images of it to
+    segment (``--ids``, ``--limit``: :meth:`lungseg.io.catalog.Catalog.select`), then the model
+    (loaded once, here, and refused in one line unless it maps one X-ray to one map of
+    probabilities: it costs TensorFlow's start). ``reads`` adds to what the job reads (an
+    evaluation's split file), ``wanted`` are the ids it chose (the split's)."""
     from lungseg.model.unet import load_checked
 
     if config.dicom_seg:
         dicomseg.require()
     store = Store.for_job(config.s3_endpoint)
-    reads = {"--input": config.input, "--masks": config.masks, "--model": config.model} | (
-        reads or {}
-    )
+    reads = {
+        "--input": config.input,
+        "--masks": config.masks,
+        "--model": config.model,
+        "--ids": config.ids,
+    } | (reads or {})
     outputs.check_apart(store, config.output, reads)
-    precision = pipeline.resolve_precision(config.precision, config.resources.use_gpu)
-    config = replace(config, precision=precision)  # what the manifest records
+    if config.ids is not None:
+        wanted = catalog.read_ids(config.ids, store)
     found = catalog.find_cases(config.input, config.masks, store)  # cheaper than the model
     logger.info("catalog: %s", found.summary())
-    cases = found.cases if config.ids is None else found.select(config.ids)
+    cases = found.select(wanted, config.limit, config.ids or "")
+    selected = wanted is not None or config.limit is not None
     logger.info("loading model %s", config.model)
     data = store.read_bytes(config.model)
     model = modelfile.describe(data, config.model)
     load_checked(data, model.size, config.model)
     scoring, borrowed = calibration(model, config.model)
-    return SegmentPlan(config, store, model, scoring, borrowed, found, cases, reads)
+    return SegmentPlan(config, store, model, scoring, borrowed, found, cases, reads, selected)
 
 
 def run_segmentation(
@@ -505,7 +538,7 @@ def run_segmentation(
     """
     plan = plan_segmentation(config)
     start_ray()
-    pools = plan.pools()
+    plan, pools = plan.placed()
     with plan.claimed("segment") as claim:
         result = segment_cases(plan, pools, claim, progress or Progress())
         claim.finish(**result.outcome())
@@ -524,6 +557,7 @@ def segment_cases(
     config, store = plan.config, plan.store
     res = config.resources
     preprocess, models = pools
+    claim.write_manifest(model=config.model)  # its file, for the report (the SHA-256 is a setting)
     table_uri = claim.uri(SEGMENT_TABLE)
     writer = plan.writer()
     kept = resumable(plan, table_uri) if claim.resumed else []
@@ -630,7 +664,7 @@ def resumable(plan: SegmentPlan, table_uri: str) -> list[dict]:
     row done again, as does a mask file that was cut short or changed."""
     by_id = {case.id: case for case in plan.cases}
     listing = plan.store.listing(plan.config.output)
-    always = ("mask", "labels", "overlay") if plan.config.overlays else ("mask", "labels")
+    always = plan.writer().files()
 
     def files(row: dict) -> tuple[str, ...]:  # a SEG where the earlier run wrote one
         return (*always, "dicom_seg") if row["dicom_seg"] is not None else always
@@ -641,7 +675,7 @@ def resumable(plan: SegmentPlan, table_uri: str) -> list[dict]:
         if row["id"] in by_id
         and row["source"] == by_id[row["id"]].image
         and row["status"] != ERROR
-        and (row["overlay"] is not None) == plan.config.overlays
+        and all((row[f] is not None) == (f in always) for f in ("overlay", "probability"))
         and all(
             row[f] and listing.get(row[f]) == _size(row[f"{f}_fingerprint"]) for f in files(row)
         )

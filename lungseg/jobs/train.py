@@ -267,16 +267,30 @@ def run_training(
     )
 
 
-def _pools(config: TrainConfig) -> tuple[pipeline.Pool, float]:
+def _pools(config: TrainConfig) -> tuple[pipeline.Pool, float, bool]:
     """The preprocessing pool (it reads the data before the workers start, so it may have every
-    CPU) and the CPUs of each train worker, refused where they could never start."""
+    CPU), the CPUs of each train worker and whether each gets a GPU (``--device``), refused
+    where they could never start."""
     on = pipeline.cluster()
+    use_gpu = pipeline.resolve_device(config.resources, on).use_gpu
     pool = pipeline.preprocess_pool(on, config.resources)
     worker_cpus = pipeline.train_worker_cpus(on, config.workers, config.worker_cpus)
     workers = pipeline.Pool(config.workers, config.workers, worker_cpus)
     pipeline.check_fits({"--preprocess-actors/--actor-cpus": pool}, on)
     pipeline.check_fits({"--workers/--worker-cpus": workers}, on)
-    return pool, worker_cpus
+    return pool, worker_cpus, use_gpu
+
+
+RAY_STORAGE_PROBE = ".validate_storage_marker"
+"""The empty file Ray Train writes in its folder to check that every node reaches the storage
+(and checks before each checkpoint): made again by each run, so removed after it."""
+
+
+def _tidy(store: Store, checkpoints: str) -> None:
+    """Remove what Ray Train leaves in the run folder's ``checkpoints/`` besides checkpoints:
+    its storage probe and, on S3, the folder marker objects of its ``create_dir``."""
+    store.delete_file(storage.join(checkpoints, RAY_STORAGE_PROBE))
+    store.remove_folder_markers(checkpoints)
 
 
 def _train(
@@ -287,8 +301,7 @@ def _train(
 
     store = claim.store
     fs, path = store.resolve(config.output)
-    res = config.resources
-    pool, worker_cpus = _pools(config)
+    pool, worker_cpus, use_gpu = _pools(config)
     # One read of every split: one actor pool to start, and no start-up in the next split's time.
     split_of = {case.id: name for name, cases in data.parts.items() for case in cases}
     progress.start("read", len(split_of))
@@ -315,7 +328,7 @@ def _train(
         train_loop_config=loop_config(config, queue),
         scaling_config=ray.train.ScalingConfig(
             num_workers=config.workers,
-            use_gpu=res.use_gpu,
+            use_gpu=use_gpu,
             resources_per_worker={"CPU": worker_cpus},
         ),
         datasets=datasets,
@@ -341,6 +354,7 @@ def _train(
         follower.join()
         progress.finish()
         queue.shutdown()
+        _tidy(store, claim.uri(CHECKPOINTS_DIR))
     model, history = _read_checkpoint(result.checkpoint)
     films = datasets["train"].limit(recipe.CALIBRATION_FILMS).select_columns(["image"]).take_all()
     images = np.stack([row["image"] for row in films])

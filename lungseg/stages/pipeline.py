@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import pyarrow as pa
 import ray
@@ -133,6 +133,19 @@ def cluster() -> Cluster:
     return Cluster(cpus, int(resources.get("GPU", 0)), float(max(nodes, default=cpus)) or cpus)
 
 
+def resolve_device(resources: ResourceConfig, on: Cluster) -> ResourceConfig:
+    """``resources`` with ``device`` made concrete on the cluster ``on``: ``auto`` is ``gpu``
+    where it has GPUs, else ``cpu``; ``gpu`` where it has none is refused, before any work
+    (Ray would wait for them for ever)."""
+    if resources.device == "gpu" and on.gpus < 1:
+        raise UserError(
+            "--device gpu asks for GPUs, but this Ray cluster has none: use --device cpu or auto"
+        )
+    if resources.device == AUTO:
+        return replace(resources, device="gpu" if on.gpus else "cpu")
+    return resources
+
+
 def resolve_precision(precision: str, use_gpu: bool, cpuinfo: str = "/proc/cpuinfo") -> str:
     """``precision``, with ``auto`` made concrete: bfloat16 on GPUs and on CPUs whose flags
     (``cpuinfo``) show bfloat16 units (``avx512_bf16``, ``amx_bf16``), else float32.
@@ -191,16 +204,14 @@ def segment_pools(
 ) -> tuple[Pool, Pool]:
     """The preprocessing and model actor pools of a segment job on the cluster.
 
-    With ``resources.use_gpu``: a model actor per GPU (1 CPU each: writing the masks is left to
-    CPU tasks), every other CPU to preprocessing. On CPUs: a model actor per
-    :data:`CORES_PER_MODEL_ACTOR` cores, or per node where nodes are smaller, sharing
+    On GPUs (``resources.device``, :func:`resolve_device`): a model actor per GPU (1 CPU each:
+    writing the masks is left to CPU tasks), every other CPU to preprocessing. On CPUs: a model
+    actor per :data:`CORES_PER_MODEL_ACTOR` cores, or per node where nodes are smaller, sharing
     :data:`MODEL_SHARE` of them (writing its masks too) and never declaring more than that share
     of a node, since an actor that fits on no node never starts; the rest to preprocessing
     (:func:`preprocess_pool`). ``model_actors`` fixes the model pool's size.
     """
-    if resources.use_gpu:
-        if on.gpus < 1:
-            raise UserError("--gpu asks for GPUs, but this Ray cluster has none")
+    if resolve_device(resources, on).use_gpu:
         count = model_actors or on.gpus
         model = Pool(count, count, cpus=1.0, gpus=1, threads=2, calls=MODEL_CALLS)
     else:

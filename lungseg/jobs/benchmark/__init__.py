@@ -90,7 +90,7 @@ def _segment_config(config: BenchmarkConfig, folder: Path, output: Path) -> Segm
         input=str(folder),
         output=str(output),
         batch_size=config.batch_size,
-        resources=ResourceConfig(use_gpu=config.use_gpu),
+        resources=ResourceConfig(device="gpu" if config.use_gpu else "cpu"),
         overwrite=True,
     )
 
@@ -122,7 +122,8 @@ def _whole_process_sides(config: BenchmarkConfig, folder: Path, work: Path) -> d
         sides[f"{name}, own process"] = partial(_process, *command)
     job = [sys.executable, "-m", "lungseg", "segment", "-q", "--overwrite", "--input"]
     job += [str(folder), "--output", str(work / f"{folder.name}-ray"), "--model", config.model]
-    job += ["--batch-size", str(config.batch_size), *(["--gpu"] if config.use_gpu else [])]
+    job += ["--batch-size", str(config.batch_size)]
+    job += ["--device", "gpu" if config.use_gpu else "cpu"]
     sides["lungseg segment, own process"] = partial(_process, *job)
     return sides
 
