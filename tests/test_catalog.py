@@ -49,6 +49,7 @@ def test_project_layout(tmp_path: Path) -> None:
     assert cat == Catalog(
         cases=(Case("a", a, (ma,)), Case("b", b), Case("c", c, (mc,))),
         orphan_masks=(orphan,),
+        root=str(tmp_path),
     )
     assert _ids(cat.labelled) == ["a", "c"]
     assert _ids(cat.unlabelled) == ["b"]
@@ -182,7 +183,8 @@ def test_mask_next_to_image(tmp_path: Path) -> None:
 
     # the same rule holds with an explicit (here empty) masks root
     (tmp_path / "nomasks").mkdir()
-    assert find_cases(str(tmp_path / "all"), masks=str(tmp_path / "nomasks")) == cat
+    found = find_cases(str(tmp_path / "all"), masks=str(tmp_path / "nomasks"))
+    assert (found.cases, found.orphan_masks) == (cat.cases, cat.orphan_masks)
 
 
 def test_clashing_stems_get_their_paths_as_ids(tmp_path: Path) -> None:
