@@ -149,10 +149,23 @@ class Session:
         context.enable_progress_bars = verbose
         context.print_on_execution_start = verbose
         if not verbose:  # Ray Data's console handler; its log file keeps everything
-            for handler in logging.getLogger("ray.data").handlers:
-                if not isinstance(handler, logging.FileHandler):
-                    handler.setLevel(logging.ERROR)
-            logging.getLogger("ray.train").setLevel(logging.WARNING)
+            train = logging.getLogger("ray.train")
+            quieted = [
+                (handler, handler.level)
+                for handler in logging.getLogger("ray.data").handlers
+                if not isinstance(handler, logging.FileHandler)
+            ]
+            saved = train.level
+
+            def restore() -> None:  # as the caller had them (a test's log capture among them)
+                for handler, level in quieted:
+                    handler.setLevel(level)
+                train.setLevel(saved)
+
+            self._stack.callback(restore)
+            for handler, _ in quieted:
+                handler.setLevel(logging.ERROR)
+            train.setLevel(logging.WARNING)
 
 
 def duration(seconds: float) -> str:

@@ -252,3 +252,24 @@ def test_4_the_claim_checks_credentials_before_writing_a_lock(s3, s3_endpoint, t
         os.environ.clear()
         os.environ.update(saved)
     assert s3.list_objects_v2(Bucket="day-lock").get("Contents", []) == []
+
+
+# 1 and 2. ------------------------------------------- a resumed segment, then the README's report
+
+
+def test_1_2_a_resumed_segment_counts_its_reviews_once_and_the_report_follows(
+    tmp_path, monkeypatch, capfd
+):
+    """The README's order: segment into the default ``out/segment``, resume it, then
+    ``lungseg report out/segment``. The resume once said ``32 of 16 masks to review`` (kept
+    rows counted twice), and the report after the quick start exited 2."""
+    data = copy_sample(tmp_path / "data", SAMPLE_IDS[:3])
+    monkeypatch.chdir(tmp_path)
+    assert main(["segment", "--input", str(data)]) == EXIT_OK
+    capfd.readouterr()
+    assert main(["segment", "--input", str(data), "--resume"]) == EXIT_OK
+    said = capfd.readouterr().out
+    review = pq.read_table("out/segment/segmentation.parquet")["qc"].to_pylist().count("review")
+    assert f"quality control: {review} of 3 masks to review (qc column)" in said
+    assert main(["report", "out/segment"]) == EXIT_OK
+    assert (tmp_path / "out" / "segment" / "report.html").stat().st_size > 0

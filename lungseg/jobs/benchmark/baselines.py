@@ -97,7 +97,7 @@ def _load(model_uri: str) -> tuple:
     from lungseg.model.unet import load_model
 
     data = Path(model_uri).read_bytes()
-    return load_model(data), segment.calibration(modelfile.describe(data), model_uri)
+    return load_model(data), segment.calibration(modelfile.describe(data), model_uri)[0]
 
 
 def _predict(model, films: np.ndarray, batch_size: int) -> np.ndarray:
