@@ -88,7 +88,7 @@ def test_stage_costs_sum_to_a_ceiling():
 
 
 @pytest.mark.usefixtures("local_ray")
-@pytest.mark.timeout(600)
+@pytest.mark.timeout(900)  # three whole-process sides of two image sets
 def test_benchmark_runs_every_stage_at_tiny_sizes(tmp_path, model_path):
     root = copy_sample(tmp_path / "data", SAMPLE_IDS[:2])
     result = run_benchmark(
