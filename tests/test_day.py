@@ -33,6 +33,12 @@ IMPORTED = (
 )
 
 
+def _imported(*argv: str, env: dict[str, str] = LOCAL) -> subprocess.CompletedProcess:
+    """``lungseg ARGV`` in a driver of its own that prints which heavy modules it imported."""
+    command = [sys.executable, "-c", IMPORTED, *argv]
+    return subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=120, env=env)
+
+
 # 3 and 8. ---------------------------------------------- a model trained here, and resumed
 
 
@@ -166,23 +172,8 @@ def test_7_many_failed_images_name_a_few_and_say_where_the_rest_are():
 
 
 def test_6_a_mistyped_input_is_one_line_before_ray_or_tensorflow(tmp_path):
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            IMPORTED,
-            "segment",
-            "--input",
-            str(tmp_path / "nonexistent"),
-            "--output",
-            str(tmp_path / "x"),
-        ],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        timeout=120,
-        env=LOCAL,
-    )
+    done = _imported("segment", "--input", str(tmp_path / "nonexistent"), "--output",
+                     str(tmp_path / "x"))  # fmt: skip
     assert done.returncode == EXIT_USAGE
     assert done.stderr == (
         f"lungseg segment: error: images root not found: {tmp_path / 'nonexistent'}\n"
@@ -207,25 +198,8 @@ def _without_credentials(home: Path) -> dict[str, str]:
 def test_4_an_s3_job_without_credentials_says_so_and_writes_nothing(s3, s3_endpoint, tmp_path):
     data = upload_sample(s3, "day-in", "x", SAMPLE_IDS[:1])
     s3.create_bucket(Bucket="day-out")
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            IMPORTED,
-            "segment",
-            "--input",
-            f"{data}/images",
-            "--output",
-            "s3://day-out/r1",
-            "--s3-endpoint",
-            s3_endpoint,
-        ],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        timeout=120,
-        env=_without_credentials(tmp_path),
-    )
+    argv = ["segment", "--input", f"{data}/images", "--output", "s3://day-out/r1"]
+    done = _imported(*argv, "--s3-endpoint", s3_endpoint, env=_without_credentials(tmp_path))
     assert done.returncode == EXIT_USAGE, done.stderr
     # Was: "claimed by another lungseg job at the same moment", and a lock left behind.
     shared = tmp_path / "no-credentials"
