@@ -293,6 +293,7 @@ def _evaluate(config: EvaluateConfig, session: console.Session) -> int:
             f"quality control: {qc['review']} of {qc['scored']} to review "
             f"({qc['review_share']:.1%}), Spearman(qc_score, Dice) "
             f"{qc['spearman_qc_score_dice'] or float('nan'):.3f}, "
+            f"qc_dice off by {qc['qc_dice_mae'] or float('nan'):.3f} on average, "
             f"masks below Dice {qc['poor_dice_below']} in review: {caught}"
         )
     failed = [row["id"] for row in summary["failed"]]
@@ -312,7 +313,10 @@ def _segment(config: SegmentConfig, session: console.Session) -> int:
     counts = _outcome(result.flagged, result.failed_ids, "table and lungseg.json")
     _say(f"segmented {result.images} images ({counts}){dice}")
     masks = result.images - result.failed  # a failed image has no mask to review
-    _say(f"quality control: {result.review} of {masks} masks to review (qc column)")
+    if config.qc == "on":
+        _say(f"quality control: {result.review} of {masks} masks to review (qc column)")
+    else:
+        _say("quality control: off (--qc off)")
     _say(f"masks: {result.output}/masks/  table: {result.table}")
     if config.overlays:
         _say(f"overlays: {result.output}/overlays/")

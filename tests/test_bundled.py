@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import statistics
-from dataclasses import asdict
 from pathlib import Path
 
 import cv2
@@ -12,6 +11,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+from lungseg.core import qc
 from lungseg.core.config import (
     BUNDLED_MODEL,
     BUNDLED_PROVENANCE,
@@ -48,7 +48,7 @@ def test_the_provenance_beside_the_bundled_weights_is_theirs():
     assert record["model_sha256"] == model.sha256
     # The calibration inside the file is the one recorded, measured on the 472 training films.
     assert model.calibration is not None and model.calibration.films == 472
-    assert record["qc_calibration"] == asdict(model.calibration)
+    assert qc.Calibration(**record["qc_calibration"]) == model.calibration
     split = json.loads(Path(BUNDLED_SPLIT).read_text())
     assert record["split"] == {"train": sorted(split["train"]), "val": sorted(split["val"])}
     assert RecipeConfig(**{**record["recipe"], "model": RecipeConfig().model}).epochs == 150
@@ -90,13 +90,16 @@ def test_bundled_model_segments_the_sample_and_summary_matches_parquet(tmp_path)
     # and the summary's figures counted from the rows.
     review = [r for r in rows if r["qc"] == "review"]
     assert all(0 <= r["qc_score"] <= 1 and r["qc"] in ("ok", "review") for r in rows)
+    assert all(0 <= r["qc_dice"] <= 1 for r in rows)  # every mask of the sample is plausible
     assert all((r["qc"] == "review") == (r["qc_score"] < 0.5) and r["qc_reason"] for r in review)
     assert all(r["qc_reason"] is None for r in rows if r["qc"] == "ok")
     figures = overall["quality_control"]
     assert figures["scored"] == 16 and figures["review"] == len(review)
     assert figures["poor"] == sum(d < 0.93 for d in dice)
+    mae = statistics.mean(abs(r["qc_dice"] - r["dice"]) for r in rows)
+    assert figures["qc_dice_mae"] == pytest.approx(mae)
     assert [r["id"] for r in summary["review"]] == [
-        r["id"] for r in sorted(review, key=lambda r: (r["qc_score"], r["id"]))
+        r["id"] for r in sorted(review, key=lambda r: (r["qc_dice"], r["id"]))
     ]
 
     for row in rows:  # the patient's right lung (1) on the image's left, each a real share

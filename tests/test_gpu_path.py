@@ -39,7 +39,19 @@ def test_gpu_pipeline_writes_what_the_cpu_pipeline_writes(tmp_path, model_path):
     rows = [
         sorted(pq.read_table(r.table).to_pylist(), key=lambda r: r["id"]) for r in (on_cpu, on_gpu)
     ]
-    keep = ("id", "status", "dice", "iou", "lung_fraction", "tp", "fp", "fn", "qc_score", "qc")
+    keep = (
+        "id",
+        "status",
+        "dice",
+        "iou",
+        "lung_fraction",
+        "tp",
+        "fp",
+        "fn",
+        "qc_dice",
+        "qc_score",
+        "qc",
+    )
     assert [{k: r[k] for k in keep} for r in rows[0]] == [{k: r[k] for k in keep} for r in rows[1]]
     for case_id in SAMPLE_IDS[:5]:
         masks = [

@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from lungseg.core import qc
+from lungseg.core import imaging, qc
 from lungseg.core.layout import OK, REVIEW
 from lungseg.core.metrics import ranks, spearman
 from lungseg.jobs.evaluate import POOR_DICE, quality_control
@@ -21,98 +21,110 @@ def lungs() -> np.ndarray:
     return mask
 
 
-CALIBRATION = qc.Calibration(disagreement=0.02, uncertain=0.1, review_risk=2.3, films=10)
-"""A model whose typical film disagrees with its second view by 2% and is 10% uncertain."""
+CALIBRATION = qc.Calibration(
+    mean=(0.3, 0.05, 0.02),
+    scale=(0.05, 0.01, 0.01),
+    weights=(0.0, -0.005, -0.004),
+    intercept=0.97,
+    error=0.01,
+    review_dice=0.95,
+    films=10,
+)
+"""A model whose typical training mask is 5% unsure with 2% of its area in probability left
+outside, predicted Dice 0.97; masks predicted under 0.95 go to review."""
 
 
-def score(risk: float, cut: float = 2.3) -> float:
-    return 1 / (1 + math.exp(risk - cut))
+def score(dice: float) -> float:
+    return 1 / (1 + math.exp(-(dice - 0.95) / 0.01))
 
 
-def test_a_confident_mask_that_both_views_agree_on_is_ok() -> None:
+def test_features_are_the_lung_share_the_unsure_share_and_the_probability_left_outside() -> None:
     mask = lungs()
     probability = mask.astype(np.float64)
-    quality = qc.assess(mask, probability, probability, 0.5, CALIBRATION)
-    assert quality == qc.Quality(pytest.approx(score(0.0)), False, ())
-    assert quality.score == pytest.approx(0.908877, abs=1e-6)  # 1 / (1 + exp(-2.3))
+    probability[10:50, 6:10] = 0.8  # 160 of the mask's 1,600 pixels under 0.9
+    probability[50:52, 6:26] = 0.5  # 40 pixels of 0.5 below the mask: 20 over 1,600
+    probability[0:2, 0:10] = 0.05  # not above 0.05: not counted
+    assert qc.features(mask, probability).tolist() == pytest.approx([1600 / 4096, 0.1, 0.0125])
 
 
-def test_an_uncertain_border_is_sent_to_review_and_named() -> None:
+def test_a_confident_mask_is_ok_with_its_predicted_dice() -> None:
+    mask = lungs()
+    quality = qc.assess(mask, mask.astype(np.float64), CALIBRATION)
+    # unsure 0 adds 0.005 x 5 = 0.025, outside 0 adds 0.004 x 2 = 0.008: 1.003, kept to 1
+    assert quality == qc.Quality(1.0, pytest.approx(score(1.0)), False, ())
+    assert quality.score == pytest.approx(0.993307, abs=1e-6)  # 1 / (1 + exp(-5))
+
+
+def test_an_unsure_mask_is_sent_to_review_and_named() -> None:
     mask = lungs()
     probability = mask.astype(np.float64)
-    probability[10:50, 26:29] = 0.4  # 120 uncertain pixels: 7.5% of the mask's 1,600
-    probability[10:50, 3:6] = 0.3  # 120 more: 15% in all
-    quality = qc.assess(mask, probability, mask.astype(np.float64), 0.5, CALIBRATION)
-    assert quality.score == pytest.approx(score(1.5))  # 15% over the model's usual 10%
-    assert not quality.review  # 1.5 times the usual uncertainty is not yet enough on its own
-    probability[10:50, 29:35] = 0.6  # 30%: 3 times the usual
-    quality = qc.assess(mask, probability, mask.astype(np.float64), 0.5, CALIBRATION)
-    assert quality.score == pytest.approx(score(3.0))
-    assert quality.score < 0.5
-    assert quality.reasons == ("uncertain border: 30% of the lungs' area",)
+    probability[10:50, 6:18] = 0.7  # 480 of 1,600 pixels: 30% unsure, 25 points over the usual
+    quality = qc.assess(mask, probability, CALIBRATION)
+    assert quality.dice == pytest.approx(0.97 - 0.125 + 0.008)
+    assert quality.score == pytest.approx(score(0.853))
+    assert quality.reasons == (
+        "predicted Dice 0.853, under the model's cut 0.950",
+        "the model was unsure of 30% of the mask",
+    )
     assert quality.review and not quality.implausible
 
 
-def test_a_second_view_that_draws_other_lungs_sends_the_mask_to_review() -> None:
-    mask = lungs()
-    second = mask.astype(np.float64)
-    second[40:50] = 0  # the second view's lungs end 10 rows higher: Dice 1,200 / 1,400
-    quality = qc.assess(mask, mask.astype(np.float64), second, 0.5, CALIBRATION)
-    dice = 2 * 1200 / (1600 + 1200)
-    assert quality.score == pytest.approx(score(qc.DISAGREEMENT_WEIGHT * (1 - dice) / 0.02))
-    assert quality.reasons == (f"the mask of a contrast-enhanced copy differs (Dice {dice:.3f})",)
-    assert quality.review
-
-
-def test_an_implausible_mask_scores_0_with_implausibles_reasons() -> None:
-    empty = np.zeros((64, 64), np.uint8)
-    quality = qc.assess(empty, empty.astype(np.float64), empty.astype(np.float64), 0.5, CALIBRATION)
-    assert quality == qc.Quality(0.0, True, ("no lung found",), implausible=True)
-
-
-def test_the_same_mask_is_judged_in_the_units_of_its_model() -> None:
+def test_probability_left_outside_the_mask_lowers_the_predicted_dice() -> None:
     mask = lungs()
     probability = mask.astype(np.float64)
-    probability[10:50, 26:29] = probability[10:50, 3:6] = 0.4  # 15% of the mask uncertain
-    sharp = qc.Calibration(disagreement=0.02, uncertain=0.05, review_risk=2.3, films=10)
-    assert qc.assess(mask, probability, probability, 0.5, CALIBRATION).score == pytest.approx(
-        score(1.5)
+    probability[50:60, 6:58] = 0.5  # 520 pixels of 0.5 below the lungs: 260 / 1,600
+    quality = qc.assess(mask, probability, CALIBRATION)
+    assert quality.dice == pytest.approx(0.97 + 0.025 - 0.004 * (0.1625 - 0.02) / 0.01)
+    assert quality.reasons == (
+        "predicted Dice 0.938, under the model's cut 0.950",
+        "probability outside the mask: 16% of its area",
     )
-    assert qc.assess(mask, probability, probability, 0.5, sharp).score == pytest.approx(score(3))
 
 
-def test_calibration_is_the_median_over_the_plausible_masks() -> None:
-    films, seconds = [], []
-    for rows, uncertain in ((0, 0), (4, 40), (10, 80)):  # second views 0, 4, 10 rows shorter
+def test_an_implausible_mask_has_no_predicted_dice_and_scores_0() -> None:
+    empty = np.zeros((64, 64), np.uint8)
+    quality = qc.assess(empty, empty.astype(np.float64), CALIBRATION)
+    assert quality == qc.Quality(None, 0.0, True, ("no lung found",), implausible=True)
+
+
+def test_calibration_fits_the_dice_of_its_training_masks() -> None:
+    films, truths, dice = [], [], []
+    for rows in range(10):  # the model's lungs end 0 to 9 rows short of the truth's
         probability = lungs().astype(np.float64)
-        probability[10:50, 26 : 26 + uncertain // 40] = 0.4
-        second = lungs().astype(np.float64)
-        second[50 - rows : 50] = 0
+        probability[50 - rows : 50] = 0
+        probability[50 - rows : 50][lungs()[50 - rows : 50] > 0] = 0.3  # seen, not kept
         films.append(probability)
-        seconds.append(second)
-    films.append(np.zeros((64, 64)))  # no lung: not a film to learn the usual from
-    seconds.append(np.zeros((64, 64)))
-    calibration = qc.calibrate(np.stack(films), np.stack(seconds), 0.5)
-    # Dice of 1,600 pixels with 1,440: 2 x 1,440 / 3,040; 40 uncertain pixels of 1,600
-    disagreement = 1 - 2 * 1440 / 3040
-    assert calibration.disagreement == pytest.approx(disagreement)
-    assert (calibration.uncertain, calibration.films) == (0.025, 3)
-    # In those units the films' risks are 0, 1.5 (0.5 + 1) and the highest; the cut is their
-    # 86.5% quantile (13.5% above it): 0.73 of the way from 1.5 to the highest.
-    highest = 0.5 * (1 - 2 * 1200 / 2800) / disagreement + 2
+        truths.append(lungs())
+        dice.append(2 * (1600 - 40 * rows) / (3200 - 40 * rows))
+    films.append(np.zeros((64, 64)))  # no lung drawn: not a mask to learn from
+    truths.append(lungs())
+    films.append(lungs().astype(np.float64))  # no lung in the truth: nothing to score
+    truths.append(np.zeros((64, 64), np.uint8))
+    calibration = qc.calibrate(np.stack(films), np.stack(truths), 0.5)
+    assert calibration.films == 10
+    assert calibration.intercept == pytest.approx(np.mean(dice))
+    predicted = [calibration.dice(qc.features(imaging.postprocess(p, 0.5), p)) for p in films[:10]]
+    assert np.abs(np.array(predicted) - dice).max() < 0.005  # nearly linear in the rows cut
+    assert calibration.error < 0.005
+    # The cut is the fitted values' 13.5% quantile: 0.215 of the way from the second lowest
+    # (8 rows short) to the third (7 rows)
     assert qc.REVIEW_SHARE == 0.135
-    assert calibration.review_risk == pytest.approx(1.5 + 0.73 * (highest - 1.5))
-    assert qc.calibrate(np.zeros((1, 64, 64)), np.zeros((1, 64, 64)), 0.5) is None
-    sure = lungs().astype(np.float64)[None]  # no disagreement, no doubt: no unit to measure in
-    assert qc.calibrate(sure, sure, 0.5) is None
+    low = sorted(predicted)
+    assert calibration.review_dice == pytest.approx(low[1] + 0.215 * (low[2] - low[1]))
+    assert low[1:3] == [predicted[8], predicted[7]]
+    few = qc.calibrate(np.stack(films[:7]), np.stack(truths[:7]), 0.5)
+    assert few is None  # 7 plausible masks: fewer than MIN_FILMS
+    assert qc.MIN_FILMS == 8
 
 
-def test_the_second_view_raises_local_contrast_and_keeps_the_shape() -> None:
-    faint = np.tile(np.linspace(100, 116, 64).astype(np.uint8), (64, 1))  # 100 to 116
-    view = qc.second_view(faint)
-    assert view.shape == faint.shape and view.dtype == np.uint8
-    assert (view.min(), view.max()) == (108, 131)  # 23 grey levels where there were 16
-    assert (view[:, 0] == 108).all() and (view[:, -1] == 131).all()
+def test_review_lists_the_lowest_predicted_dice_first_the_implausible_before_all() -> None:
+    rows = [
+        {"id": "b", "qc_dice": 0.91},
+        {"id": "a", "qc_dice": 0.91},
+        {"id": "c", "qc_dice": None},
+        {"id": "d", "qc_dice": 0.85},
+    ]
+    assert [r["id"] for r in sorted(rows, key=qc.review_order)] == ["c", "d", "a", "b"]
 
 
 def test_ranks_share_ties_and_spearman_is_exact() -> None:
@@ -124,22 +136,23 @@ def test_ranks_share_ties_and_spearman_is_exact() -> None:
 
 
 def test_quality_control_counts_the_poor_masks_review_caught() -> None:
-    def row(dice, score, qc_):
-        return {"dice": dice, "qc_score": score, "qc": qc_}
+    def row(dice, score, qc_, predicted=0.95):
+        return {"dice": dice, "qc_dice": predicted, "qc_score": score, "qc": qc_}
 
     rows = [
-        row(0.97, 0.9, OK),
-        row(0.96, 0.8, OK),
-        row(0.92, 0.3, REVIEW),  # poor, caught
-        row(0.90, 0.6, OK),  # poor, missed
-        row(0.95, 0.4, REVIEW),
+        row(0.97, 0.9, OK),  # predicted 0.02 low
+        row(0.96, 0.8, OK),  # 0.01
+        row(0.92, 0.3, REVIEW, 0.93),  # poor, caught; 0.01
+        row(0.90, 0.6, OK),  # poor, missed; 0.05
+        row(0.95, 0.0, REVIEW, None),  # implausible: no predicted Dice
         row(None, 0.7, OK),  # no truth: not counted
-        row(None, None, None),  # failed
+        row(None, None, None, None),  # failed
     ]
     figures = quality_control(rows)
     assert figures == {
         "scored": 5,
-        "spearman_qc_score_dice": pytest.approx(0.7),
+        "qc_dice_mae": pytest.approx(0.09 / 4),
+        "spearman_qc_score_dice": pytest.approx(0.6),  # rank differences 0, 0, 0, 2, -2
         "review": 2,
         "review_share": 0.4,
         "poor_dice_below": POOR_DICE,

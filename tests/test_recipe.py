@@ -6,7 +6,7 @@ from __future__ import annotations
 import io
 import json
 import zipfile
-from dataclasses import asdict
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +14,7 @@ import pytest
 
 from lungseg.core import qc
 from lungseg.core.config import BUNDLED_MODEL, SAMPLE, ModelConfig, RecipeConfig, TrainConfig
+from lungseg.core.errors import UserError
 from lungseg.core.metrics import confusion
 from lungseg.io.catalog import find_cases
 from lungseg.io.storage import DEFAULT_STORE
@@ -89,15 +90,16 @@ def test_image_scores_are_means_over_images():
 
 def test_provenance_records_the_kept_epoch_and_the_weights():
     history = _history([0.5, 0.8, 0.7])
-    model = ModelFile("ab" * 32, 256, qc.Calibration(0.02, 0.1, 2.3, 5))
+    calibration = qc.Calibration(
+        (0.3, 0.05, 0.02), (0.05, 0.01, 0.01), (0, -0.005, -0.004), 0.97, 0.01, 0.95, 5
+    )
+    model = ModelFile("ab" * 32, 256, calibration)
     split = {"train": ["b", "a"], "val": ["c"]}
     record = recipe.provenance(RecipeConfig(), split, history, model, "test", "data")
     assert record["selected_epoch"] == 2
     assert record["split"] == {"train": ["a", "b"], "val": ["c"]}
     assert record["model_sha256"] == "ab" * 32 and record["recipe"]["epochs"] == 40
-    calibration = {"disagreement": 0.02, "uncertain": 0.1, "review_risk": 2.3, "films": 5}
-    assert record["qc_calibration"] == calibration
-    json.dumps(record)  # plain JSON
+    assert qc.Calibration(**json.loads(json.dumps(record))["qc_calibration"]) == calibration
 
 
 def _arrays(n: int, size: int = 32, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -158,24 +160,47 @@ def test_a_trained_model_carries_its_quality_control_calibration_in_its_file():
     bundled = Path(BUNDLED_MODEL).read_bytes()
     bare = to_bytes(load_model(bundled))  # saved by Keras alone: no notes of lungseg's
     assert describe(bare).calibration is None
-    images, _, _ = load_arrays(find_cases(SAMPLE, store=DEFAULT_STORE).cases, 256, DEFAULT_STORE)
-    calibrated = recipe.calibrated(bare, images)
-    assert recipe.calibrated(bare, images) == calibrated  # the same bytes for the same model
+    images, masks, _ = load_arrays(
+        find_cases(SAMPLE, store=DEFAULT_STORE).cases, 256, DEFAULT_STORE
+    )
+    calibrated = recipe.calibrated(bare, images, masks)
+    assert recipe.calibrated(bare, images, masks) == calibrated  # the same bytes for the same model
     found = describe(calibrated).calibration
     assert found is not None and found.films == len(images) == 16  # every mask plausible
     # The sample's 16 films are the bundled model's own training films: its calibration on
-    # the 472 of them is of the same order.
+    # the 472 of them predicts about the same Dice from about the same features.
     own = describe(bundled).calibration
-    assert 0.5 < found.disagreement / own.disagreement < 2
-    assert 0.5 < found.uncertain / own.uncertain < 2
-    assert 0.5 < found.review_risk / own.review_risk < 2
+    assert abs(found.intercept - own.intercept) < 0.02
+    assert abs(found.review_dice - own.review_dice) < 0.03
+    assert np.allclose(found.mean, own.mean, rtol=0.5)
+    assert all(w <= 0 for w in own.weights)  # less sure, more left outside: a lower Dice
     films = images[:2, ..., None].astype(np.float32)
     np.testing.assert_array_equal(
         load_model(calibrated).predict(films, verbose=0), load_model(bare).predict(films, verbose=0)
     )
-    other = qc.Calibration(0.1, 0.2, 2.5, 3)
+    other = replace(found, intercept=0.9, films=3)
     replaced = with_calibration(calibrated, other)
     assert describe(replaced).calibration == other
     with zipfile.ZipFile(io.BytesIO(replaced)) as archive:
         assert archive.namelist().count(NOTES) == 1
-        assert json.loads(archive.read(NOTES)) == {"qc": asdict(other)}
+        assert qc.Calibration(**json.loads(archive.read(NOTES))["qc"]) == other
+
+
+def test_a_model_calibrated_for_two_view_quality_control_is_said_to_have_none():
+    bare = to_bytes(load_model(Path(BUNDLED_MODEL).read_bytes()))
+    old = {"disagreement": 0.015, "uncertain": 0.11, "review_risk": 2.3, "films": 472}
+    found = describe(_with_notes(bare, {"qc": old}))
+    assert found.calibration is None
+    assert found.calibration_missing.startswith("its calibration is for the two-view")
+    with pytest.raises(UserError, match="no valid quality-control calibration"):
+        describe(_with_notes(bare, {"qc": {"mean": [0.3], "films": 2}}))
+
+
+def _with_notes(data: bytes, notes: dict) -> bytes:
+    """``data`` (a ``.keras`` file without lungseg's notes) with ``notes`` as them."""
+    out = io.BytesIO()
+    with zipfile.ZipFile(io.BytesIO(data)) as source, zipfile.ZipFile(out, "w") as target:
+        for entry in source.infolist():
+            target.writestr(entry, source.read(entry))
+        target.writestr(NOTES, json.dumps(notes))
+    return out.getvalue()

@@ -354,17 +354,19 @@ def test_report_job_writes_a_page_chromium_renders_and_sorts(segmented, tmp_path
     assert [float(c[1]) for c in shown.rows[:4]] == [r["dice"] for r in scored]  # worst first
     first = shown.rows[ids.index(SAMPLE_IDS[0])]
     by_id = {r["id"]: r for r in rows}
-    assert first[7:10] == [
+    assert first[8:11] == [
         f"masks/{SAMPLE_IDS[0]}.png",
         f"overlays/{SAMPLE_IDS[0]}.png",
         Path(by_id[SAMPLE_IDS[0]]["source"]).as_uri(),
     ]
     broken = shown.rows[ids.index("broken")]
-    assert broken[7:10] == ["", "", Path(by_id["broken"]["source"]).as_uri()]
-    assert (out / first[7]).is_file() and Path(first[9].removeprefix("file://")).is_file()
-    qc_cells = {cells[0]: cells[4:6] for cells in shown.rows}
+    assert broken[8:11] == ["", "", Path(by_id["broken"]["source"]).as_uri()]
+    assert (out / first[8]).is_file() and Path(first[10].removeprefix("file://")).is_file()
+    qc_cells = {cells[0]: cells[4:7] for cells in shown.rows}
     assert qc_cells == {
-        r["id"]: ["" if r["qc_score"] is None else repr(r["qc_score"]), r["qc"] or ""] for r in rows
+        r["id"]: ["" if r[k] is None else repr(r[k]) for k in ("qc_dice", "qc_score")]
+        + [r["qc"] or ""]
+        for r in rows
     }
 
     by_id = _table(chromium, page + "#sort=id", tmp_path)
@@ -396,22 +398,23 @@ def test_report_job_writes_a_page_chromium_renders_and_sorts(segmented, tmp_path
 
 
 @pytest.mark.timeout(400)
-def test_the_review_sheet_shows_what_quality_control_sent_lowest_score_first(segmented, tmp_path):
+def test_the_review_sheet_shows_what_quality_control_sent_lowest_dice_first(segmented, tmp_path):
     out = tmp_path / "review"
     shutil.copytree(segmented / "out", out)  # its files; the table is changed below
     rows = pq.read_table(segmented / "out" / "segmentation.parquet").to_pylist()
     done = sorted((r for r in rows if r["status"] != "error"), key=lambda r: r["id"])
-    sent = {done[0]["id"]: 0.31, done[1]["id"]: 0.12, done[2]["id"]: 0.45}
+    sent = {done[0]["id"]: 0.91, done[1]["id"]: 0.82, done[2]["id"]: 0.93}
     for row in rows:
         if row["id"] in sent:
-            row |= {"qc": "review", "qc_score": sent[row["id"]], "qc_reason": f"why {row['id']}"}
+            why = f"why {row['id']}"
+            row |= {"qc": "review", "qc_dice": sent[row["id"]], "qc_score": 0.2, "qc_reason": why}
         elif row["status"] != "error":
-            row |= {"qc": "ok", "qc_score": 0.8, "qc_reason": None}
+            row |= {"qc": "ok", "qc_dice": 0.97, "qc_score": 0.8, "qc_reason": None}
     pq.write_table(pa.Table.from_pylist(rows, SCHEMA), out / "segmentation.parquet")
     report.run_report(ReportConfig(output=str(out), sheet=1, review=2))
     page = (out / "report.html").read_text()
     assert "3 of 5 assessed by quality control (60.0%)" in page
-    assert "the 2 lowest QC scores of 3" in page
+    assert "the 2 lowest predicted Dice of 3" in page
     lowest = sorted(sent, key=sent.get)[:2]
     assert [f"<li>{i}: why {i}</li>" in page for i in sent] == [i in lowest for i in sent]
     sheet = cv2.imread(str(out / "report" / "review.png"))
@@ -427,7 +430,8 @@ def test_a_table_from_before_quality_control_still_makes_a_report(segmented, tmp
     shutil.copytree(segmented / "out", out)  # its files; the table is changed below
     table = pq.read_table(segmented / "out" / "segmentation.parquet")
     pq.write_table(
-        table.drop_columns(["qc_score", "qc", "qc_reason"]), out / "segmentation.parquet"
+        table.drop_columns(["qc_dice", "qc_score", "qc", "qc_reason"]),
+        out / "segmentation.parquet",
     )
     result = report.run_report(ReportConfig(output=str(out)))
     assert (result.images, result.failed) == (6, 1)

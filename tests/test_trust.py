@@ -13,7 +13,7 @@ import subprocess
 import sys
 import time
 import tracemalloc
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 
 import cv2
@@ -113,7 +113,7 @@ def test_2_the_manifest_says_what_made_the_output(earlier_run, model_path):
     assert settings["model_input_size"] == 256
     # A model file that Keras saved alone has no calibration: the bundled model's scores it.
     bundled = describe(Path(BUNDLED_MODEL).read_bytes()).calibration
-    assert settings["qc_calibration"] == asdict(bundled)
+    assert qc.Calibration(**settings["qc_calibration"]) == bundled
     # The default, auto, is recorded as what it became on this machine.
     assert (settings["threshold"], settings["precision"]) == (0.5, AUTO_PRECISION)
     assert settings["masks"] == config.masks and settings["input"] == config.input
@@ -134,6 +134,21 @@ def test_2_a_model_without_a_calibration_is_scored_in_the_bundled_ones_units(mod
         f"the bundled model's: {none}",
     )
     assert f"{model_path}: {none}: qc_score uses the bundled model's" in caplog.text
+
+
+def test_2_with_qc_off_masks_come_without_quality_control(earlier_run, tmp_path, caplog):
+    out, config = earlier_run
+    result = run_segmentation(replace(config, output=str(tmp_path / "off"), qc="off"))
+    assert (result.images, result.flagged, result.failed, result.review) == (4, 0, 0, 0)
+    rows = pq.read_table(result.table).to_pylist()
+    assert all(r["status"] == "ok" and r["mask"] for r in rows)
+    assert all(r[k] is None for r in rows for k in ("qc_dice", "qc_score", "qc", "qc_reason"))
+    settings = json.loads((tmp_path / "off" / MANIFEST_FILE).read_text())["settings"]
+    assert (settings["qc"], settings["qc_calibration"]) == ("off", None)
+    assert "qc_score uses the bundled" not in caplog.text  # no calibration borrowed: none used
+    on = pq.read_table(out / "segmentation.parquet").to_pylist()
+    masks = {r["id"]: r["mask_fingerprint"] for r in on}
+    assert {r["id"]: r["mask_fingerprint"] for r in rows} == masks  # the same masks
 
 
 @pytest.mark.parametrize(
@@ -161,7 +176,8 @@ def test_2_resume_redoes_the_rows_of_a_run_from_before_quality_control(earlier_r
     shutil.copytree(out, copy)
     table = pq.read_table(copy / "segmentation.parquet")
     pq.write_table(
-        table.drop_columns(["qc_score", "qc", "qc_reason"]), copy / "segmentation.parquet"
+        table.drop_columns(["qc_dice", "qc_score", "qc", "qc_reason"]),
+        copy / "segmentation.parquet",
     )
     result = run_segmentation(replace(config, output=str(copy), resume=True))
     assert (result.images, result.resumed) == (4, 0)

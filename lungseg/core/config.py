@@ -29,7 +29,7 @@ object store and an idle gap in its actor (measured in the docs' performance pag
 THRESHOLD = 0.5
 """The lung probability at which masks are cut, in segment and in training's validation."""
 CONTRAST_CLIP, CONTRAST_TILES = 2.0, 8
-"""CLAHE's clip limit and tiles per side: quality control's second view, clean's default."""
+"""CLAHE's clip limit and tiles per side: clean's defaults."""
 
 
 class ConfigError(UserError, ValueError):
@@ -272,6 +272,12 @@ class SegmentConfig:
     )
     segment_actors: int | None = option(
         None, "model actors (default: one per GPU on GPUs, else one per 8 CPUs)"
+    )
+    qc: str = option(
+        "on",
+        "quality control of each mask, from the same model pass: on (qc_dice, the Dice it is "
+        "predicted to have, qc_score, qc, qc_reason) or off (those columns null)",
+        choices=("on", "off"),
     )
     overlays: bool = option(
         False,

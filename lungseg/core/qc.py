@@ -5,14 +5,15 @@ expert masks of the Montgomery and Shenzhen sets, taken to the model's 256 x 256
 8.4% to 43.3% of an image (1st to 99th percentile 13.3% to 39.7%), every mask has two lungs, and
 the smaller lung is at least a tenth of the larger (1st percentile 0.46).
 
-:func:`assess` scores plausible masks too. The bundled model's bad masks (Dice < 0.93 on the
-validation split) are confident ones: they leave out the lung behind the heart or above the
-diaphragm, where the image is dense. Two signals find them: the mask the model draws on a
-contrast-enhanced copy of the image (:func:`second_view`), which shows those dense parts
-brighter, differs from the first; and more of the lungs' border is uncertain. Neither needs
-the truth; both cost one more pass of the model. Both are measured in units of what is usual
-for the model that drew the mask (:class:`Calibration`), so that the same cut serves any model
-a lungseg trainer made.
+:func:`assess` predicts the Dice of plausible masks too (``qc_dice``), from three measures of
+the one pass of the model that drew the mask (:func:`features`): how much of the image the
+lungs cover, how much of the mask the model was unsure of, and how much probability it left
+outside the mask. A ridge regression of the true Dice on them, fitted by the model's trainer on
+its own training images (:func:`calibrate`, stored in the model file as :class:`Calibration`),
+turns them into a Dice. The bundled model's poor masks are confident ones (they leave out the
+lung behind the heart): an atlas check, a CNN regressor and a second, contrast-enhanced view
+were measured beside this and did not rank them better for their cost (the model card has the
+table).
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ import cv2
 import numpy as np
 
 from lungseg.core import imaging
-from lungseg.core.config import CONTRAST_CLIP, CONTRAST_TILES
 from lungseg.core.metrics import confusion
 
 LUNG_FRACTION = (0.04, 0.60)
@@ -56,135 +56,149 @@ def implausible(mask: np.ndarray) -> list[str]:
     return reasons
 
 
-UNCERTAIN = (0.1, 0.9)
-"""Probabilities between these are uncertain pixels."""
-DISAGREEMENT_WEIGHT = 0.5
-"""The weight of disagreement in the risk, against 1 for uncertainty."""
+SURE = 0.9
+"""Mask pixels with a probability under this are ones the model was unsure of."""
+OUTSIDE = 0.05
+"""Probabilities above this outside the mask count as lung the mask may have left out."""
+FEATURES = ("lung_fraction", "unsure", "outside")
+"""What :func:`features` measures of a mask, in this order: the share of the image the lungs
+cover, the share of the mask under :data:`SURE`, and the probability above :data:`OUTSIDE`
+outside the mask over the mask's area."""
+RIDGE = 1.0
+"""The ridge penalty on the standardised features' weights: measured at 1, 10 and 50 on the
+bundled model's validation split, the same to 0.005 in Spearman."""
 REVIEW_SHARE = 0.135
-"""The share of a model's own training images whose risk is above its cut (:class:`Calibration`):
-chosen, with :data:`DISAGREEMENT_WEIGHT`, on the bundled model's validation split, to send at
-most 15% of it to review (19 of 132; the model card has the figures)."""
+"""The share of a model's own training images whose predicted Dice is below its cut
+(:class:`Calibration`): chosen on the bundled model's validation split to send at most 15% of it
+to review (the model card has the figures)."""
+MIN_FILMS = 8
+"""The fewest plausible training masks a calibration is fitted on."""
 
 
 @dataclass(frozen=True)
 class Calibration:
-    """What is usual for one model, measured on the images of its training split: the medians
-    of the disagreement (1 - Dice) between the masks of an image and of its :func:`second_view`
-    and of the uncertain pixels' count over the mask's, the units of :func:`assess`'s risk;
-    and ``review_risk``, the risk above which :data:`REVIEW_SHARE` of those images lie, its cut.
-
-    A trainer measures them (:func:`calibrate`) and stores them in the model file: a model
-    sends about as large a share of images like its training ones to review as the bundled one,
-    whatever its sharpness (in the bundled model's units, a model trained for 8 epochs sent 42%
-    of the validation split; in its own, 14%).
+    """How one model's masks are judged, fitted on the images of its training split: a ridge
+    regression of the true Dice on the standardised :func:`features` (``mean``, ``scale``,
+    ``weights``, ``intercept``), its mean absolute ``error`` there (the unit of ``qc_score``),
+    and ``review_dice``, the predicted Dice below which :data:`REVIEW_SHARE` of those images lie:
+    the cut. A trainer fits it (:func:`calibrate`) and stores it in the model file, so that a
+    model sends about as large a share of images like its training ones to review as the bundled
+    one, whatever its sharpness.
     """
 
-    disagreement: float
-    uncertain: float
-    review_risk: float
+    mean: tuple[float, ...]
+    scale: tuple[float, ...]
+    weights: tuple[float, ...]
+    intercept: float
+    error: float
+    review_dice: float
     films: int
 
+    def __post_init__(self) -> None:
+        for name in ("mean", "scale", "weights"):
+            values = tuple(float(v) for v in getattr(self, name))
+            if len(values) != len(FEATURES):
+                raise ValueError(f"{name} has {len(values)} values, not {len(FEATURES)}")
+            object.__setattr__(self, name, values)
 
-@dataclass(frozen=True)
-class Signals:
-    """The two measures of one mask that :func:`assess` weighs."""
+    def contributions(self, measured: np.ndarray) -> np.ndarray:
+        """What each feature adds to the predicted Dice, against a training mask's average."""
+        return np.asarray(self.weights) * (measured - self.mean) / np.asarray(self.scale)
 
-    disagreement: float
-    uncertain: float
+    def dice(self, measured: np.ndarray) -> float:
+        """The Dice predicted from a mask's :func:`features`, within [0, 1]."""
+        return float(np.clip(self.intercept + self.contributions(measured).sum(), 0.0, 1.0))
 
 
 @dataclass(frozen=True)
 class Quality:
-    """One mask's quality control: ``score`` in [0, 1], higher more likely a good mask;
-    ``review`` whether a person should look at it, and why (``reasons``); ``implausible``
-    is true when the reasons are :func:`implausible`'s (the job then flags the image)."""
+    """One mask's quality control: ``dice``, the Dice it is predicted to have (None for an
+    :func:`implausible` mask); ``score`` in [0, 1], above 0.5 where ``dice`` is above the
+    model's cut, in units of its error; ``review`` whether a person should look at it, and why
+    (``reasons``); ``implausible`` is true when the reasons are :func:`implausible`'s (the job
+    then flags the image)."""
 
+    dice: float | None
     score: float
     review: bool
     reasons: tuple[str, ...]
     implausible: bool = False
 
 
-def second_view(image: np.ndarray) -> np.ndarray:
-    """The model's input (uint8) with its local contrast equalised (CLAHE, clip 2, 8 x 8 tiles):
-    the image as :func:`assess` has the model see it a second time."""
-    return imaging.equalise(image, CONTRAST_CLIP, CONTRAST_TILES)
+def features(mask: np.ndarray, probability: np.ndarray) -> np.ndarray:
+    """:data:`FEATURES` of a post-processed, plausible 0/1 ``mask`` drawn from ``probability``
+    (both at the model's size)."""
+    inside = mask > 0
+    area = max(int(np.count_nonzero(inside)), 1)
+    unsure = np.count_nonzero(inside & (probability < SURE)) / area
+    left_out = probability[~inside]
+    outside = float(left_out[left_out > OUTSIDE].sum()) / area
+    return np.array([area / mask.size, unsure, outside])
 
 
-def signals(
-    mask: np.ndarray, probability: np.ndarray, second: np.ndarray, threshold: float
-) -> Signals:
-    """The disagreement (1 - Dice) of a post-processed 0/1 ``mask`` drawn from ``probability``
-    with the mask of ``second`` (the probabilities of the image's :func:`second_view`), and the
-    pixels of ``probability`` within :data:`UNCERTAIN` over the mask's pixels."""
-    agreement = confusion(mask, imaging.postprocess(second, threshold)).dice
-    low, high = UNCERTAIN
-    uncertain = cv2.countNonZero(((probability > low) & (probability < high)).astype(np.uint8))
-    return Signals(1 - agreement, uncertain / max(cv2.countNonZero(mask), 1))
-
-
-def _parts(measured: Signals, disagreement: float, uncertain: float) -> tuple[float, float]:
-    """The two terms of a mask's risk: its :class:`Signals` in units of their medians."""
-    return (
-        DISAGREEMENT_WEIGHT * measured.disagreement / disagreement,
-        measured.uncertain / uncertain,
-    )
-
-
-def calibrate(
-    probabilities: np.ndarray, seconds: np.ndarray, threshold: float
-) -> Calibration | None:
-    """A model's :class:`Calibration` from its probabilities of images and of their second views
-    (``(n, size, size)`` each), over the images whose masks are plausible; None where it has no
-    unit to give: no plausible mask, or a median of 0 (a model that has not learnt lungs)."""
-    measured = []
-    for probability, second in zip(probabilities, seconds, strict=True):
+def calibrate(probabilities: np.ndarray, masks: np.ndarray, threshold: float) -> Calibration | None:
+    """A model's :class:`Calibration` from its probabilities of training images and their true
+    0/1 masks (``(n, size, size)`` each), over the images whose masks are plausible: the ridge
+    (penalty :data:`RIDGE`) of the Dice of each post-processed mask on its :func:`features`.
+    None where it has too little to fit: fewer than :data:`MIN_FILMS` plausible masks with a
+    ground truth that holds lung."""
+    rows, dice = [], []
+    for probability, truth in zip(probabilities, masks, strict=True):
         mask = imaging.postprocess(probability, threshold)
-        if not implausible(mask):
-            measured.append(signals(mask, probability, second, threshold))
-    if not measured:
+        if truth.any() and not implausible(mask):
+            rows.append(features(mask, probability))
+            dice.append(confusion(mask, truth).dice)
+    if len(rows) < MIN_FILMS:
         return None
-    disagreement = float(np.median([m.disagreement for m in measured]))
-    uncertain = float(np.median([m.uncertain for m in measured]))
-    if not (disagreement > 0 and uncertain > 0):
-        return None
-    risks = [sum(_parts(m, disagreement, uncertain)) for m in measured]
-    cut = float(np.quantile(risks, 1 - REVIEW_SHARE))
-    return Calibration(disagreement, uncertain, cut, len(measured))
+    x, y = np.array(rows), np.array(dice)
+    mean, scale = x.mean(axis=0), x.std(axis=0)
+    scale[scale == 0] = 1.0  # a feature that never varies adds nothing
+    z = (x - mean) / scale
+    intercept = float(y.mean())
+    weights = np.linalg.solve(z.T @ z + RIDGE * np.eye(len(FEATURES)), z.T @ (y - intercept))
+    fitted = np.clip(intercept + z @ weights, 0.0, 1.0)
+    error = max(float(np.mean(np.abs(fitted - y))), 1e-3)
+    cut = float(np.quantile(fitted, REVIEW_SHARE))
+    return Calibration(tuple(mean), tuple(scale), tuple(weights), intercept, error, cut, len(rows))
 
 
-def assess(
-    mask: np.ndarray,
-    probability: np.ndarray,
-    second: np.ndarray,
-    threshold: float,
-    calibration: Calibration,
-) -> Quality:
-    """The quality of a post-processed 0/1 ``mask`` drawn from ``probability``, with ``second``
-    the probabilities of the image's :func:`second_view` (all at the model's size), for the
-    model of ``calibration``.
+def _said(name: str, value: float) -> str:
+    return {
+        "lung_fraction": f"lungs cover {value:.1%} of the image",
+        "unsure": f"the model was unsure of {value:.0%} of the mask",
+        "outside": f"probability outside the mask: {value:.0%} of its area",
+    }[name]
 
-    Risk = :data:`DISAGREEMENT_WEIGHT` x disagreement / its median + uncertain share / its
-    median (:func:`signals`, :class:`Calibration`), about 1.5 for a typical image; ``score`` =
-    1 / (1 + exp(risk - the calibration's ``review_risk``)). An :func:`implausible` mask scores
-    0. A mask goes to review below a score of 0.5, and the reasons name each signal that makes
-    up at least half of that cut.
+
+def assess(mask: np.ndarray, probability: np.ndarray, calibration: Calibration) -> Quality:
+    """The quality of a post-processed 0/1 ``mask`` drawn from ``probability`` (both at the
+    model's size), for the model of ``calibration``: its predicted Dice, and
+    ``score`` = 1 / (1 + exp(-(dice - cut) / error)). An :func:`implausible` mask scores 0 and
+    has no predicted Dice. A mask goes to review below the cut, and the reasons give the
+    predicted Dice and name the features that lower it most (each at least half the largest
+    drop).
     """
     doubts = implausible(mask)
     if doubts:
-        return Quality(0.0, True, tuple(doubts), implausible=True)
-    measured = signals(mask, probability, second, threshold)
-    parts = _parts(measured, calibration.disagreement, calibration.uncertain)
-    cut = calibration.review_risk
-    score = 1 / (1 + math.exp(min(sum(parts) - cut, 700)))
-    if score >= 0.5:
-        return Quality(score, False, ())
-    said = (
-        f"the mask of a contrast-enhanced copy differs (Dice {1 - measured.disagreement:.3f})",
-        f"uncertain border: {measured.uncertain:.0%} of the lungs' area",
-    )
-    return Quality(
-        score,
-        True,
-        tuple(text for part, text in zip(parts, said, strict=True) if part >= cut / 2),
-    )
+        return Quality(None, 0.0, True, tuple(doubts), implausible=True)
+    measured = features(mask, probability)
+    dice = calibration.dice(measured)
+    margin = (dice - calibration.review_dice) / calibration.error
+    score = 1 / (1 + math.exp(min(-margin, 700)))
+    if dice >= calibration.review_dice:
+        return Quality(dice, score, False, ())
+    parts = calibration.contributions(measured)
+    worst = parts.min()
+    named = [
+        _said(name, value)
+        for name, value, part in zip(FEATURES, measured, parts, strict=True)
+        if worst < 0 and part <= worst / 2
+    ]
+    reasons = (f"predicted Dice {dice:.3f}, under the model's cut {calibration.review_dice:.3f}",)
+    return Quality(dice, score, True, reasons + tuple(named))
+
+
+def review_order(row: dict) -> tuple:
+    """How a table's rows sent to review are listed: the lowest ``qc_dice`` first, implausible
+    masks (none predicted) before all, then by id."""
+    return (row["qc_dice"] is not None, row["qc_dice"] or 0.0, row["id"])

@@ -8,6 +8,7 @@ from statistics import mean, median
 
 import pyarrow.parquet as pq
 
+from lungseg.core import qc
 from lungseg.core.config import EvaluateConfig
 from lungseg.core.errors import UserError
 from lungseg.core.layout import ERROR, REVIEW, SUMMARY_FILE
@@ -41,15 +42,20 @@ def _stats(rows: list[dict]) -> dict:
 
 
 def quality_control(rows: list[dict]) -> dict:
-    """How well ``qc_score`` and ``qc`` (:mod:`lungseg.core.qc`) foretell the Dice of the scored
-    rows: Spearman's correlation, the share sent to review, and of the masks below
-    :data:`POOR_DICE`, how many review caught."""
+    """How well ``qc_dice``, ``qc_score`` and ``qc`` (:mod:`lungseg.core.qc`) foretell the Dice
+    of the scored rows: the mean absolute error of ``qc_dice`` (over the masks it predicts, all
+    but the implausible), Spearman's correlation of ``qc_score`` (implausible masks score 0),
+    the share sent to review, and of the masks below :data:`POOR_DICE`, how many review caught."""
     scored = [r for r in rows if r["dice"] is not None and r["qc_score"] is not None]
+    predicted = [r for r in scored if r["qc_dice"] is not None]
     poor = [r for r in scored if r["dice"] < POOR_DICE]
     review = [r for r in scored if r["qc"] == REVIEW]
     caught = sum(r["qc"] == REVIEW for r in poor)
     return {
         "scored": len(scored),
+        "qc_dice_mae": mean(abs(r["qc_dice"] - r["dice"]) for r in predicted)
+        if predicted
+        else None,
         "spearman_qc_score_dice": spearman(
             [r["qc_score"] for r in scored], [r["dice"] for r in scored]
         ),
@@ -79,10 +85,8 @@ def summarise(rows: list[dict], model: str) -> dict:
         "unscored": sorted(r["id"] for r in rows if r["status"] != ERROR and r["dice"] is None),
         "worst": [{"id": r["id"], "dice": r["dice"], "iou": r["iou"]} for r in scored[:WORST]],
         "review": [
-            {k: r[k] for k in ("id", "qc_score", "dice", "qc_reason")}
-            for r in sorted(
-                (r for r in rows if r["qc"] == REVIEW), key=lambda r: (r["qc_score"], r["id"])
-            )
+            {k: r[k] for k in ("id", "qc_dice", "qc_score", "dice", "qc_reason")}
+            for r in sorted((r for r in rows if r["qc"] == REVIEW), key=qc.review_order)
         ],
     }
 

@@ -72,7 +72,7 @@ def fit(
     on_epoch: Callable[[dict], None] | None = None,
 ) -> FitResult:
     """Train with Keras in this process, every step of the recipe, the kept model calibrated
-    (:func:`lungseg.model.recipe.calibrated`) on the training images.
+    (:func:`lungseg.model.recipe.calibrated`) on the training images and masks.
 
     ``train`` and ``val`` are ``(images, masks)``: ``uint8`` arrays ``(n, size, size)`` of
     preprocessed X-rays and their 0/1 masks. ``on_epoch`` sees each history row as it is made.
@@ -112,7 +112,7 @@ def fit(
             best = to_bytes(model)
         if on_epoch is not None:
             on_epoch(row)
-    return FitResult(history=history, model=recipe.calibrated(best, train[0]))
+    return FitResult(history=history, model=recipe.calibrated(best, *train))
 
 
 def load_arrays(

@@ -24,7 +24,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from lungseg import __version__
-from lungseg.core import draw, imaging
+from lungseg.core import draw, imaging, qc
 from lungseg.core.config import ReportConfig
 from lungseg.core.layout import (
     ERROR,
@@ -50,7 +50,7 @@ def read_metrics(run: str, store: Store) -> list[dict]:
     ]
 
 
-QC_COLUMNS = ("qc_score", "qc", "qc_reason")
+QC_COLUMNS = ("qc_dice", "qc_score", "qc", "qc_reason")
 """Quality control's columns, null in a table written before lungseg had them."""
 
 # What the report ranks images by: Dice where any image has a ground truth, else lung fraction.
@@ -97,7 +97,13 @@ def _sheet_tile(row: dict, root: str, store: Store) -> np.ndarray:
 def _sheet_png(rows: list[dict], key: str, root: str, store: Store) -> bytes:
     """A contact sheet of ``rows``' overlays, captioned with id and ``row[key]`` (the page says
     what the number is: a caption with its name no longer fits a tile)."""
-    entries = [(f"{row['id']}  {row[key]:.3f}", [_sheet_tile(row, root, store)]) for row in rows]
+
+    def caption(value: float | None) -> str:  # no qc_dice: an implausible mask
+        return "n/a" if value is None else f"{value:.3f}"
+
+    entries = [
+        (f"{row['id']}  {caption(row[key])}", [_sheet_tile(row, root, store)]) for row in rows
+    ]
     return imaging.encode_image(draw.contact_sheet(entries, draw.SHEET_COLUMNS))
 
 
@@ -160,6 +166,7 @@ _COLUMNS = (
     ("dice", "Dice", True),
     ("iou", "IoU", True),
     ("lung_fraction", "lung fraction", True),
+    ("qc_dice", "QC Dice", True),
     ("qc_score", "QC score", True),
     ("qc", "QC", False),
     ("status", "status", False),
@@ -261,8 +268,8 @@ def render_html(
     sent = sum(row["qc"] == REVIEW for row in rows)
     titles = {
         "histogram": "Distribution",
-        "review": f"Sent to review by quality control: the {len(review)} lowest QC scores "
-        f"of {sent}",
+        "review": f"Sent to review by quality control: the {len(review)} lowest predicted "
+        f"Dice of {sent}",
         "worst": worst_title,
         "best": best_title,
         "curves": "Training curves",
@@ -284,8 +291,9 @@ def render_html(
             parts.append(f"<p>Overlays, captioned with id and {_RANKINGS[key][0]}: {legend}</p>")
         if name == "review":
             parts.append(
-                "<p>Masks to check by eye, captioned with id and QC score (0 to 1, higher more "
-                "likely a good mask; the table sorts by it). Why each was sent:</p><ul>"
+                "<p>Masks to check by eye, captioned with id and QC Dice, the Dice quality "
+                "control predicts for the mask without a ground truth (n/a: no lungs to "
+                "predict it for; the table sorts by it). Why each was sent:</p><ul>"
             )
             parts.extend(
                 f"<li>{html.escape(row['id'])}: {html.escape(row['qc_reason'] or '')}</li>"
@@ -342,14 +350,14 @@ def _report(config: ReportConfig, claim: outputs.Claim, store: Store) -> ReportR
     rows.sort(key=lambda r: (r[key] is None, r[key] or 0.0, r["id"]))
     worst = ranked[: config.sheet]
     best = ranked[len(worst) :][::-1][: config.sheet]
-    review = sorted(
-        (row for row in rows if row["qc"] == REVIEW), key=lambda r: (r["qc_score"], r["id"])
-    )[: config.review]
+    review = sorted((row for row in rows if row["qc"] == REVIEW), key=qc.review_order)[
+        : config.review
+    ]
     pngs: dict[str, bytes] = {}
     if ranked:
         pngs["histogram"] = draw.histogram_png([row[key] for row in ranked], _RANKINGS[key][0])
     if review:
-        pngs["review"] = _sheet_png(review, "qc_score", config.output, store)
+        pngs["review"] = _sheet_png(review, "qc_dice", config.output, store)
     for name, chosen in (("worst", worst), ("best", best)):
         if chosen:
             pngs[name] = _sheet_png(chosen, key, config.output, store)

@@ -84,6 +84,7 @@ SCHEMA = pa.schema(
         ("fn", pa.int64()),
         ("dice", pa.float64()),
         ("iou", pa.float64()),
+        ("qc_dice", pa.float64()),
         ("qc_score", pa.float64()),
         ("qc", pa.string()),
         ("qc_reason", pa.string()),
@@ -144,14 +145,15 @@ def tensorflow_threads(intra_op: int) -> None:
 @dataclass(frozen=True)
 class MaskWriter:
     """How a batch of probabilities becomes files and table rows under ``output``: cut at
-    ``threshold``, scored by quality control in ``calibration``'s units, with an overlay each
+    ``threshold``, scored by quality control in ``calibration``'s units (None: ``--qc off``,
+    implausible masks still flagged), with an overlay each
     when ``overlays``, the probability map when ``probabilities``, and a DICOM Segmentation
     of each DICOM image drawn by ``dicom_seg`` when given; ``truth_required`` (ground-truth
     masks were given) flags an image without one."""
 
     output: str
     threshold: float
-    calibration: qc.Calibration
+    calibration: qc.Calibration | None
     store: Store
     overlays: bool = False
     truth_required: bool = False
@@ -194,9 +196,9 @@ class MaskWriter:
         ``probabilities/<name>.png``. With ``dicom_seg`` (the batch then has
         ``dicom_header``), a DICOM image's labels also go to ``dicom-seg/<name>.dcm``
         (:func:`lungseg.core.dicomseg.segmentation`); one that cannot be made (a header without
-        the UIDs to reference) flags the image, its PNGs written. ``qc_score``, ``qc`` (``ok``
-        or ``review``) and ``qc_reason`` come from :func:`lungseg.core.qc.assess`, with
-        ``second`` the probabilities of the image's second view. An implausible mask
+        the UIDs to reference) flags the image, its PNGs written. ``qc_dice`` (the Dice the
+        mask is predicted to have), ``qc_score``, ``qc`` (``ok`` or ``review``) and
+        ``qc_reason`` come from :func:`lungseg.core.qc.assess`. An implausible mask
         (:func:`lungseg.core.qc.implausible`: no lung, one lung, far too much or too little) is
         also ``flagged`` with the reasons in ``error``, as is an empty ground truth (not scored)
         and, with ``truth_required``, an image without one.
@@ -210,9 +212,12 @@ class MaskWriter:
             height, width = int(batch["height"][i]), int(batch["width"][i])
             probability = batch["probability"][i] / 255.0
             small = imaging.postprocess(probability, self.threshold)
-            second = batch["second"][i] / 255.0
-            quality = qc.assess(small, probability, second, self.threshold, self.calibration)
-            doubts = list(quality.reasons) if quality.implausible else []
+            quality = None
+            if self.calibration is None:
+                doubts = qc.implausible(small)
+            else:
+                quality = qc.assess(small, probability, self.calibration)
+                doubts = list(quality.reasons) if quality.implausible else []
             mask = imaging.resize_mask(small, height, width)
             split = imaging.lungs_split(small)
             paths = self.keys(name)
@@ -237,13 +242,14 @@ class MaskWriter:
             pixels = {"": cv2.countNonZero(mask), "right_": cv2.countNonZero(mask[:, :right])}
             pixels["left_"] = pixels[""] - pixels["right_"]
             header = _header(batch, i)
-            row |= header | {
-                "height": height,
-                "width": width,
-                "qc_score": quality.score,
-                "qc": REVIEW if quality.review else OK,
-                "qc_reason": "; ".join(quality.reasons) or None,
-            }
+            row |= header | {"height": height, "width": width}
+            if quality is not None:
+                row |= {
+                    "qc_dice": quality.dice,
+                    "qc_score": quality.score,
+                    "qc": REVIEW if quality.review else OK,
+                    "qc_reason": "; ".join(quality.reasons) or None,
+                }
             pixel_mm2 = None
             if header["spacing_row_mm"] is not None and header["spacing_col_mm"] is not None:
                 pixel_mm2 = header["spacing_row_mm"] * header["spacing_col_mm"]
@@ -280,9 +286,9 @@ _READ = ("source_fingerprint", "source_stamp", "truth_fingerprint", "truth_stamp
 
 
 class Segmenter:
-    """Ray Data actor: one model load, then lung probabilities per batch (``probability``, and
-    ``second`` of each image's :func:`lungseg.core.qc.second_view` for quality control), and with a
-    ``writer`` (on CPU nodes) the masks of each batch written by ``threads`` threads of its own.
+    """Ray Data actor: one model load, then lung probabilities per batch (``probability``: one
+    pass of the model, quality control included), and with a ``writer`` (on CPU nodes) the masks
+    of each batch written by ``threads`` threads of its own.
 
     Writing here, where the image's size is known and the probabilities are at hand, spares a
     stage of tasks (their processes and a trip through the object store); on a GPU node the
@@ -320,14 +326,12 @@ class Segmenter:
         ok = batch["status"] == OK
         out = {k: v for k, v in batch.items() if k != "image"}
         films = batch["image"][ok]
-        seconds = np.array([qc.second_view(film) for film in films]).reshape(films.shape)
         with self.predicting:
             pipeline.inject_fault("segmenter", self.batches)
             self.batches += 1
-            for key, views in (("probability", films), ("second", seconds)):
-                out[key] = np.zeros(batch["image"].shape, np.uint8)
-                if len(views):
-                    out[key][ok] = self._predict(views)
+            out["probability"] = np.zeros(batch["image"].shape, np.uint8)
+            if len(films):
+                out["probability"][ok] = self._predict(films)
         if self.writers is None or self.writer is None:
             return out
         write = self.writer.row
@@ -412,7 +416,7 @@ class SegmentPlan:
     config: SegmentConfig
     store: Store
     model: modelfile.ModelFile
-    scoring: qc.Calibration
+    scoring: qc.Calibration | None  # None with ``--qc off``
     borrowed: str | None  # why ``scoring`` is not the model's own (:func:`calibration`)
     found: catalog.Catalog
     cases: tuple[catalog.Case, ...]
@@ -432,7 +436,8 @@ class SegmentPlan:
             "ids_sha256": hashlib.sha256(ids.encode()).hexdigest() if self.selected else None,
             "model_sha256": self.model.sha256,
             "model_input_size": self.model.size,
-            "qc_calibration": asdict(self.scoring),
+            "qc": config.qc,
+            "qc_calibration": None if self.scoring is None else asdict(self.scoring),
             "qc_calibration_borrowed": self.borrowed,
             "threshold": config.threshold,
             "precision": config.precision,
@@ -520,7 +525,7 @@ def plan_segmentation(
     data = store.read_bytes(config.model)
     model = modelfile.describe(data, config.model)
     load_checked(data, model.size, config.model)
-    scoring, borrowed = calibration(model, config.model)
+    scoring, borrowed = calibration(model, config.model) if config.qc == "on" else (None, None)
     return SegmentPlan(config, store, model, scoring, borrowed, found, cases, reads, selected)
 
 

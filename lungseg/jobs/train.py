@@ -356,9 +356,10 @@ def _train(
         queue.shutdown()
         _tidy(store, claim.uri(CHECKPOINTS_DIR))
     model, history = _read_checkpoint(result.checkpoint)
-    films = datasets["train"].limit(recipe.CALIBRATION_FILMS).select_columns(["image"]).take_all()
-    images = np.stack([row["image"] for row in films])
-    model = ray.get(ray.remote(recipe.calibrated).remote(model, images))
+    columns = ["image", "mask"]
+    films = datasets["train"].limit(recipe.CALIBRATION_FILMS).select_columns(columns).take_all()
+    images, masks = (np.stack([row[key] for row in films]) for key in columns)
+    model = ray.get(ray.remote(recipe.calibrated).remote(model, images, masks))
     trainer = f"Ray Train, {config.workers} workers"
     first = min(trained, default=len(history) + 1)
     return finish_run(config, claim, model, history, rows, trainer, statuses, first)

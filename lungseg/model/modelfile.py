@@ -21,6 +21,12 @@ from lungseg.core.qc import Calibration
 NOTES = "lungseg.json"
 """The entry of a ``.keras`` zip that holds lungseg's notes on the model: ``{"qc": ...}``, or
 ``{"qc": null, "qc_missing": why}`` where its trainer could not measure a calibration."""
+_TWO_VIEWS = ("disagreement", "uncertain", "review_risk", "films")
+"""The fields of the calibration a lungseg before one-pass quality control stored."""
+_TWO_VIEWS_MISSING = (
+    "its calibration is for the two-view quality control of an earlier lungseg; "
+    "`lungseg train` makes a model with one"
+)
 
 
 @dataclass(frozen=True)
@@ -62,11 +68,17 @@ def describe(data: bytes, name: str = "model") -> ModelFile:
             "resizes every X-ray to the model's size, so save the model with one, e.g. "
             "keras.Input((256, 256, 1))"
         )
-    try:
-        calibration = Calibration(**notes["qc"]) if notes.get("qc") is not None else None
-    except TypeError as exc:
-        raise UserError(f"{name}: its {NOTES} has no valid quality-control calibration") from exc
-    missing = None if calibration else notes.get("qc_missing")
+    calibration, missing = None, notes.get("qc_missing")
+    qc = notes.get("qc")
+    if isinstance(qc, dict) and set(qc) == set(_TWO_VIEWS):
+        missing = _TWO_VIEWS_MISSING
+    elif qc is not None:
+        try:
+            calibration = Calibration(**qc)
+        except (TypeError, ValueError) as exc:
+            raise UserError(
+                f"{name}: its {NOTES} has no valid quality-control calibration"
+            ) from exc
     return ModelFile(hashlib.sha256(data).hexdigest(), int(inputs[0][1]), calibration, missing)
 
 

@@ -70,26 +70,22 @@ def score_validation(
     return float(np.mean([c.dice for c in cases])), float(np.mean([c.iou for c in cases]))
 
 
-def calibrated(model: bytes, images: np.ndarray) -> bytes:
-    """``model`` (``.keras`` bytes) with its :class:`lungseg.core.qc.Calibration` inside, measured
-    on the first :data:`CALIBRATION_FILMS` of ``images`` (uint8 ``(n, size, size)`` X-rays of
-    its training split) and their second views, at the probabilities' uint8 steps as
-    ``segment`` sees them; where :func:`lungseg.core.qc.calibrate` has no unit to give, with
-    why in its place (:func:`lungseg.model.modelfile.with_calibration`)."""
+def calibrated(model: bytes, images: np.ndarray, masks: np.ndarray) -> bytes:
+    """``model`` (``.keras`` bytes) with its :class:`lungseg.core.qc.Calibration` inside, fitted
+    on the first :data:`CALIBRATION_FILMS` of ``images`` (uint8 ``(n, size, size)`` X-rays of its
+    training split) and their 0/1 ``masks``, at the probabilities' uint8 steps as ``segment``
+    sees them; where :func:`lungseg.core.qc.calibrate` has too little to fit, with why in its
+    place (:func:`lungseg.model.modelfile.with_calibration`)."""
     from lungseg.model.unet import load_model  # Keras, only where a model runs
 
     network = load_model(model)
     films = images[:CALIBRATION_FILMS]
-
-    def predict(views: np.ndarray) -> np.ndarray:
-        batch = views[..., None].astype(np.float32)
-        probability = network.predict(batch, batch_size=SegmentConfig.batch_size, verbose=0)
-        return imaging.probability_bytes(probability[..., 0]) / 255.0
-
-    seconds = np.stack([qc.second_view(film) for film in films])
-    calibration = qc.calibrate(predict(films), predict(seconds), THRESHOLD)
+    batch = films[..., None].astype(np.float32)
+    probability = network.predict(batch, batch_size=SegmentConfig.batch_size, verbose=0)
+    probability = imaging.probability_bytes(probability[..., 0]) / 255.0
+    calibration = qc.calibrate(probability, masks[: len(films)], THRESHOLD)
     missing = (
-        f"the model drew no plausible lungs with a measurable uncertainty on its {len(films)} "
+        f"the model drew fewer than {qc.MIN_FILMS} plausible lungs on its {len(films)} "
         "training films"
     )
     return modelfile.with_calibration(model, calibration, "" if calibration else missing)

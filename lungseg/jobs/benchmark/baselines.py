@@ -114,7 +114,6 @@ def _write_mask(
     path: str,
     image: np.ndarray,
     probability: np.ndarray,
-    second: np.ndarray,
     calibration: qc.Calibration,
     output: Path,
 ) -> None:
@@ -122,14 +121,14 @@ def _write_mask(
     default threshold, resize the mask to the image, write its PNG."""
     threshold = SegmentConfig.threshold
     mask = imaging.postprocess(probability, threshold)
-    qc.assess(mask, probability, second, threshold, calibration)
+    qc.assess(mask, probability, calibration)
     mask = imaging.resize_mask(mask, *image.shape[:2])
     (output / f"{Path(path).stem}.png").write_bytes(imaging.encode_png(mask))
 
 
 def plain_segment(paths: Sequence[str], model_uri: str, output: Path, batch_size: int) -> None:
     """The segmenting loop: load the model, then decode, preprocess, predict (float32, Keras'
-    defaults) the images and their second views, post-process, assess
+    defaults) the images, post-process, assess
     (:func:`lungseg.core.qc.assess`) and write the masks batch by batch, in one process."""
     model, calibration = _load(model_uri)
     size = int(model.input_shape[1])
@@ -139,9 +138,8 @@ def plain_segment(paths: Sequence[str], model_uri: str, output: Path, batch_size
         images = [imaging.load_image(Path(p).read_bytes(), p) for p in chunk]
         batch = np.stack([imaging.resize_image(image, size) for image in images])
         probability = _predict(model, batch, batch_size)
-        second = _predict(model, np.stack([qc.second_view(film) for film in batch]), batch_size)
-        for path, image, p, s in zip(chunk, images, probability, second, strict=True):
-            _write_mask(path, image, p, s, calibration, output)
+        for path, image, p in zip(chunk, images, probability, strict=True):
+            _write_mask(path, image, p, calibration, output)
 
 
 def tfdata_segment(paths: Sequence[str], model_uri: str, output: Path, batch_size: int) -> None:
@@ -189,8 +187,8 @@ class StageCosts:
     time of all of them), at the pipeline's precision and batch size."""
 
     decode: float  # read the file, decode it
-    preprocess: float  # grayscale, stretch, resize to the model's input, its second view
-    model: float  # predict the image and its second view, per image of a batch
+    preprocess: float  # grayscale, stretch, resize to the model's input
+    model: float  # predict the image, per image of a batch
     write: float  # post-process, assess, resize back, encode the PNG, write it
 
     @property
@@ -232,17 +230,15 @@ def stage_costs(
                 for d in decoded
             ]
         )
-        views = np.stack([qc.second_view(film) for film in small])
         preprocess = _cpu_seconds() - started
         _predict(model, small[:batch_size], batch_size)  # traced once, as in an actor
         started = _cpu_seconds()
         probability = _predict(model, small, batch_size)
-        second = _predict(model, views, batch_size)
         predict = _cpu_seconds() - started
         output.mkdir(parents=True, exist_ok=True)
         started = _cpu_seconds()
-        for path, image, p, s in zip(paths, decoded, probability, second, strict=True):
-            _write_mask(path, image, p, s, calibration, output)
+        for path, image, p in zip(paths, decoded, probability, strict=True):
+            _write_mask(path, image, p, calibration, output)
         write = _cpu_seconds() - started
     finally:
         cv2.setNumThreads(threads)
