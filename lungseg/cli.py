@@ -277,6 +277,8 @@ def _evaluate(config: EvaluateConfig, session: console.Session) -> int:
     from lungseg.jobs.evaluate import run_evaluation
 
     summary = run_evaluation(config, session.progress(), start_ray=session.start_ray)
+    if config.dry_run:
+        return EXIT_OK
     for name, stats in {"all": summary["overall"], **summary["datasets"]}.items():
         dice, iou = stats["dice"] or {}, stats["iou"] or {}
         _say(
@@ -309,6 +311,8 @@ def _segment(config: SegmentConfig, session: console.Session) -> int:
     from lungseg.jobs.segment import run_segmentation
 
     result = run_segmentation(config, session.progress(), start_ray=session.start_ray)
+    if config.dry_run:
+        return EXIT_OK
     dice = "" if result.mean_dice is None else f", mean Dice {result.mean_dice:.4f}"
     counts = _outcome(result.flagged, result.failed_ids, "table and lungseg.json")
     _say(f"segmented {result.images} images ({counts}){dice}")

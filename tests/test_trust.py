@@ -136,6 +136,22 @@ def test_2_a_model_without_a_calibration_is_scored_in_the_bundled_ones_units(mod
     assert f"{model_path}: {none}: qc_score uses the bundled model's" in caplog.text
 
 
+def test_2_a_dry_run_says_what_would_run_and_writes_nothing(earlier_run, tmp_path, caplog):
+    out, config = earlier_run
+    caplog.set_level("INFO", logger="lungseg")
+    result = run_segmentation(replace(config, output=str(tmp_path / "dry"), dry_run=True))
+    assert (result.planned, result.images) == (4, 0)
+    assert not (tmp_path / "dry").exists()
+    assert "dry run: would segment 4 of the catalog's 4 images" in caplog.text
+    assert "which holds no earlier run" in caplog.text
+    assert "files per image: masks/, labels/, overlays/;" in caplog.text
+    caplog.clear()
+    before = sorted(p.name for p in out.iterdir())
+    run_segmentation(replace(config, dry_run=True))  # into the earlier run's root
+    assert "holds an earlier run (segment, complete): refused without --resume" in caplog.text
+    assert sorted(p.name for p in out.iterdir()) == before
+
+
 def test_2_with_qc_off_masks_come_without_quality_control(earlier_run, tmp_path, caplog):
     out, config = earlier_run
     result = run_segmentation(replace(config, output=str(tmp_path / "off"), qc="off"))

@@ -310,6 +310,11 @@ class SegmentConfig:
     limit: int | None = option(
         None, "segment only the first LIMIT images, in id order (after --ids)"
     )
+    dry_run: bool = option(
+        False,
+        "check the options, catalog the images, load the model and plan the actor pools, print "
+        "what would run, and stop: no actor starts, nothing is written",
+    )
     resources: ResourceConfig = option(ResourceConfig(), "resources")
     s3_endpoint: str | None = _s3_endpoint()
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable
 from statistics import mean, median
 
@@ -16,8 +17,10 @@ from lungseg.core.metrics import spearman
 from lungseg.core.progress import Progress
 from lungseg.io.catalog import read_split
 from lungseg.io.storage import Store
-from lungseg.jobs.segment import plan_segmentation, segment_cases
+from lungseg.jobs.segment import dry_run, plan_segmentation, segment_cases
 from lungseg.stages import pipeline
+
+logger = logging.getLogger(__name__)
 
 WORST = 10
 POOR_DICE = 0.93
@@ -100,7 +103,7 @@ def run_evaluation(
     those of ``config.ids``, when given; the first ``config.limit``) and write ``summary.json``
     beside the per-image Parquet; returns the summary. The same steps as
     :func:`lungseg.jobs.segment.run_segmentation`: plan, Ray, claim, segment, then the summary
-    into the same claim."""
+    into the same claim. With ``dry_run``, what would run is logged and the summary is empty."""
     store = Store.for_job(config.s3_endpoint)
     wanted = None
     if config.split is not None:
@@ -113,6 +116,10 @@ def run_evaluation(
     plan = plan_segmentation(config, {"--split": config.split}, wanted)
     start_ray()
     plan, pools = plan.placed()
+    if config.dry_run:  # what would run, said; no summary
+        for line in dry_run(plan, pools):
+            logger.info("%s", line)
+        return {}
     with plan.claimed("evaluate") as claim:
         result = segment_cases(plan, pools, claim, progress or Progress())
         fs, path = store.resolve(result.table)

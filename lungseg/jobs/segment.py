@@ -117,6 +117,7 @@ class SegmentResult:
     review: int = 0  # masks quality control sent to review (``qc``)
     dicom_segs: int = 0  # DICOM SEG objects written (``dicom_seg``)
     not_dicom: int = 0  # images segmented without one, not being DICOM (with ``dicom_seg``)
+    planned: int | None = None  # with ``dry_run``: the images a run would segment, none done
 
     @property
     def failed(self) -> int:
@@ -529,6 +530,40 @@ def plan_segmentation(
     return SegmentPlan(config, store, model, scoring, borrowed, found, cases, reads, selected)
 
 
+def dry_run(plan: SegmentPlan, pools: tuple[pipeline.Pool, pipeline.Pool]) -> list[str]:
+    """What a run of the :meth:`~SegmentPlan.placed` ``plan`` would do, a line each, from what is
+    known before any actor starts: the images, the model, the pools, the files, and what the
+    output root holds (a run there is refused, gone on with or replaced)."""
+    config, model = plan.config, plan.model
+    preprocess, models = pools
+    res = config.resources
+    earlier = outputs.read_manifest(plan.store, config.output)
+    if earlier is None:
+        held = "holds no earlier run"
+    else:
+        what = f"holds an earlier run ({earlier.get('job')}, {earlier.get('state')})"
+        verb = "goes on with" if config.resume else "replaces" if config.overwrite else None
+        held = f"{what}: this run {verb} it" if verb else f"{what}: refused without --resume"
+    writer = plan.writer()
+    per_image = ", ".join(key.split("/")[0] + "/" for key in writer.keys("x"))
+    gpus = f", {models.gpus} GPU" if models.gpus else ""
+    quality = "off" if plan.scoring is None else "on"
+    if plan.borrowed:
+        quality += f", with {plan.borrowed}"
+    return [
+        f"dry run: would segment {len(plan.cases)} of the catalog's {len(plan.found.cases)} "
+        f"images into {config.output}, which {held}",
+        f"model: {config.model} ({model.size} px, SHA-256 {model.sha256[:12]}), "
+        f"threshold {config.threshold}, quality control {quality}",
+        f"device: {res.device}, precision {config.precision}, batch {config.batch_size}",
+        f"preprocessing actors: {preprocess.min_size}-{preprocess.max_size}, "
+        f"{preprocess.cpus:g} CPUs each; model actors: {models.max_size}, {models.cpus:g} CPUs"
+        f"{gpus} and {models.threads} threads each",
+        f"files per image: {per_image}; then {SEGMENT_TABLE} and the manifest",
+        "nothing started or written (--dry-run)",
+    ]
+
+
 def run_segmentation(
     config: SegmentConfig,
     progress: Progress | None = None,
@@ -539,11 +574,16 @@ def run_segmentation(
     Checks first (:func:`plan_segmentation`), then ``start_ray`` (the CLI's starts it and says
     so), then the output root is claimed (:func:`lungseg.runs.outputs.claimed`): never where the job
     reads, one job at a time, one run per root, every file in its ledger. ``progress`` sees
-    every image as its row is written.
+    every image as its row is written. With ``dry_run``, :func:`dry_run`'s lines are logged and
+    nothing is claimed.
     """
     plan = plan_segmentation(config)
     start_ray()
     plan, pools = plan.placed()
+    if config.dry_run:
+        for line in dry_run(plan, pools):
+            logger.info("%s", line)
+        return SegmentResult(config.output, "", 0, 0, (), 0, None, planned=len(plan.cases))
     with plan.claimed("segment") as claim:
         result = segment_cases(plan, pools, claim, progress or Progress())
         claim.finish(**result.outcome())
