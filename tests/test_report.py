@@ -348,7 +348,7 @@ def test_report_job_writes_a_page_chromium_renders_and_sorts(segmented, tmp_path
     page = (out / "report.html").as_uri()
     shown = _table(chromium, page, tmp_path)
     assert len(shown.rows) == len(rows) == 6
-    assert all(len(cells) == 12 for cells in shown.rows)
+    assert all(len(cells) == 13 for cells in shown.rows)
     ids = [cells[0] for cells in shown.rows]
     assert sorted(ids) == sorted(r["id"] for r in rows)
     assert [float(c[1]) for c in shown.rows[:4]] == [r["dice"] for r in scored]  # worst first
