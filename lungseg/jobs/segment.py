@@ -6,10 +6,11 @@ restores the image's size, writes the PNGs and scores the mask against the groun
 there is one (in the segmenting actor on CPU nodes, in tasks of its own on GPU nodes).
 
 A job runs in three steps: :func:`plan_segmentation` checks everything that needs no Ray (the
-model, loaded once; the catalog; where it writes), then with Ray up :func:`segment_cases` runs
-on the claimed output root. Every image gets one row, with the fingerprints of the files it
-read and wrote; with ``resume``, the rows of an earlier run whose inputs and files are still
-the same are kept, and only the rest are segmented (see :func:`resumable`).
+model, loaded in a process of its own; the catalog; where it writes), then with Ray up
+:func:`segment_cases` runs on the claimed output root. Every image gets one row, with the
+fingerprints of the files it read and wrote; with ``resume``, the rows of an earlier run whose
+inputs and files are still the same are kept, and only the rest are segmented (see
+:func:`resumable`).
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ from lungseg.core.metrics import confusion
 from lungseg.core.progress import Progress
 from lungseg.io import catalog, storage
 from lungseg.io.storage import Store
-from lungseg.model import modelfile
+from lungseg.model import loadcheck, modelfile
 from lungseg.runs import outputs, table
 from lungseg.stages import pipeline
 from lungseg.stages.preprocess import INFO_COLUMNS
@@ -500,12 +501,12 @@ def plan_segmentation(
 ) -> SegmentPlan:
     """Everything of a segment job that needs no Ray, checked before any work: where it reads
     and writes (apart), with ``dicom_seg`` highdicom, the catalog and the images of it to
-    segment (``--ids``, ``--limit``: :meth:`lungseg.io.catalog.Catalog.select`), then the model
-    (loaded once, here, and refused in one line unless it maps one X-ray to one map of
-    probabilities: it costs TensorFlow's start). ``reads`` adds to what the job reads (an
-    evaluation's split file), ``wanted`` are the ids it chose (the split's)."""
-    from lungseg.model.unet import load_checked
-
+    segment (``--ids``, ``--limit``: :meth:`lungseg.io.catalog.Catalog.select`), and the model:
+    refused in one line unless Keras loads it and it maps one X-ray to one map of
+    probabilities, checked in a process of its own while the catalog is listed
+    (:func:`lungseg.model.loadcheck.checking`: TensorFlow never starts in the driver).
+    ``reads`` adds to what the job reads (an evaluation's split file), ``wanted`` are the ids
+    it chose (the split's)."""
     if config.dicom_seg:
         dicomseg.require()
     store = Store.for_job(config.s3_endpoint)
@@ -518,14 +519,16 @@ def plan_segmentation(
     outputs.check_apart(store, config.output, reads)
     if config.ids is not None:
         wanted = catalog.read_ids(config.ids, store)
-    found = catalog.find_cases(config.input, config.masks, store)  # cheaper than the model
-    logger.info("catalog: %s", found.summary())
-    cases = found.select(wanted, config.limit, config.ids or "")
-    selected = wanted is not None or config.limit is not None
-    logger.info("loading model %s", config.model)
+    catalog.check_root(config.input, "images", store)  # the likeliest typo: before the model
+    logger.info("checking model %s", config.model)
     data = store.read_bytes(config.model)
     model = modelfile.describe(data, config.model)
-    load_checked(data, model.size, config.model)
+    with loadcheck.checking(data, model.size, config.model) as checked:
+        found = catalog.find_cases(config.input, config.masks, store)
+        logger.info("catalog: %s", found.summary())
+        cases = found.select(wanted, config.limit, config.ids or "")
+        checked()
+    selected = wanted is not None or config.limit is not None
     scoring, borrowed = calibration(model, config.model) if config.qc == "on" else (None, None)
     return SegmentPlan(config, store, model, scoring, borrowed, found, cases, reads, selected)
 
