@@ -33,7 +33,7 @@ from lungseg.core.config import SAMPLE, SegmentConfig
 from lungseg.core.layout import NO_TRUTH, OK
 from lungseg.io import catalog
 from lungseg.jobs.segment import SCHEMA, run_segmentation
-from lungseg.stages.preprocess import Preprocess, case_records
+from lungseg.stages.preprocess import Preprocess, case_batch
 from tests.conftest import SAMPLE_IDS
 
 
@@ -249,18 +249,17 @@ def test_catalog_finds_suffixless_dicom_but_not_dicomdir_or_other_files(tmp_path
 def test_model_input_identical_for_png_16_bit_png_and_dicom(tmp_path: Path) -> None:
     """The issue's "16-bit segments like 8-bit": the model sees the same array for every
     encoding of an image, so its masks are identical (Dice 1.0), whatever the model."""
-    records = []
+    cases = []
     for case_id in SAMPLE_IDS:
         picture = sample_picture(case_id)
         (tmp_path / f"{case_id}.png").write_bytes(png_bytes(picture))
-        cases = [catalog.Case(case_id, str(tmp_path / f"{case_id}.png"))]
+        cases.append(catalog.Case(case_id, str(tmp_path / f"{case_id}.png")))
         for variant, encode in VARIANTS.items():
             path = tmp_path / f"{case_id}_{variant}"
             path.write_bytes(encode(picture))
             cases.append(catalog.Case(path.name, str(path)))
-        records += case_records(cases)
     preprocess = Preprocess(size=256)
-    out = preprocess({key: [r[key] for r in records] for key in records[0]})
+    out = preprocess(case_batch(cases))
     assert set(out["status"]) == {OK}
     images = dict(zip(out["id"], out["image"], strict=True))
     for case_id in SAMPLE_IDS:

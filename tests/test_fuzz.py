@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from lungseg.core import imaging
 from lungseg.core.layout import ERROR, OK
 from lungseg.io.catalog import Case
-from lungseg.stages.preprocess import Preprocess, case_records
+from lungseg.stages.preprocess import Preprocess, case_batch
 from tests.test_dicom import dicom_bytes
 
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -105,9 +105,7 @@ def test_preprocess_gives_exactly_one_row_per_input(folder, inputs):
             (folder / f"{n}_mask.png").write_bytes(data)
         truth = (str(folder / f"{n}_mask.png"),) if with_truth else ()
         cases.append(Case(str(n), str(folder / f"{n}.png"), truth))
-    records = case_records(cases)
-    batch = {key: [record[key] for record in records] for key in records[0]}
-    out = Preprocess(size=16, display=32)(batch)
+    out = Preprocess(size=16, display=32)(case_batch(cases))
     assert list(out["id"]) == [c.id for c in cases]
     assert {len(column) for column in out.values()} == {len(cases)}
     for status, error in zip(out["status"], out["error"], strict=True):

@@ -39,7 +39,7 @@ from lungseg.core.config import SegmentConfig
 from lungseg.core.layout import ERROR, FLAGGED, OK
 from lungseg.io import catalog
 from lungseg.jobs.segment import run_segmentation
-from lungseg.stages.preprocess import Preprocess, case_records
+from lungseg.stages.preprocess import Preprocess, case_batch
 from tests.conftest import SAMPLE_IDS
 from tests.test_dicom import _twelve_bit, dicom_bytes, png_bytes, sample_picture
 
@@ -236,8 +236,7 @@ def test_pydicom_files_each_get_one_row_and_only_radiographs_are_read() -> None:
     files = sorted(p for p in PYDICOM_FILES.rglob("*") if p.is_file())
     dicoms = [p for p in files if imaging.is_dicom(p.read_bytes())]
     cases = [catalog.Case(str(p.relative_to(PYDICOM_FILES)), str(p)) for p in dicoms]
-    records = case_records(cases)
-    out = Preprocess(size=64)({key: [r[key] for r in records] for key in records[0]})
+    out = Preprocess(size=64)(case_batch(cases))
     rows = {
         case_id: (status, error, modality)
         for case_id, status, error, modality in zip(

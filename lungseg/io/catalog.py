@@ -28,8 +28,9 @@ import os
 import posixpath
 import re
 import stat
+import sys
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from urllib.parse import urlparse
 
@@ -67,7 +68,7 @@ class CatalogError(UserError):
     """A root that cannot be catalogued: missing, empty, or with clashing or ambiguous files."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Case:
     """One image and its mask(s).
 
@@ -104,18 +105,23 @@ def output_name(case_id: str, hashed: bool = False) -> str:
     return f"{stem}~{digest[:_HASH_DIGITS]}"
 
 
-def _output_names(ids: Iterable[str]) -> dict[str, str]:
-    """Each id's :func:`output_name`, hashed for ids whose name differs from another only in case.
+def _folded(ids: Iterable[str]) -> set[str]:
+    """The ids whose :func:`output_name` differs from another's only in case: they get hashed
+    names, unique even where ``A.png`` and ``a.png`` are the same file (macOS, Windows)."""
+    seen: set[str] = set()
+    twice: set[str] = set()
+    for i in ids:
+        folded = output_name(i).lower()
+        (twice if folded in seen else seen).add(folded)
+    return {i for i in ids if output_name(i).lower() in twice} if twice else set()
 
-    Names are then unique even where ``A.png`` and ``a.png`` are the same file (macOS, Windows).
-    """
-    ids = list(ids)
-    folded = Counter(output_name(i).lower() for i in ids)
-    names = {i: output_name(i, hashed=folded[output_name(i).lower()] > 1) for i in ids}
-    clashes = [n for n, k in Counter(n.lower() for n in names.values()).items() if k > 1]
+
+def _check_names(names: Iterable[str]) -> None:
+    """Refuse hashed names (``~``) that clash; a kept id has no ``~``, so only they can."""
+    hashed = Counter(n.lower() for n in names if "~" in n)
+    clashes = [n for n, k in hashed.items() if k > 1]
     if clashes:  # a 48-bit hash collision: never seen, but never written over either
         raise CatalogError(f"output names clash: {', '.join(sorted(clashes))}")
-    return names
 
 
 @dataclass(frozen=True)
@@ -175,16 +181,17 @@ class Catalog:
         return line
 
 
-@dataclass(frozen=True)
-class _File:
+@dataclass(frozen=True, slots=True)
+class _File:  # a listed file; slotted, its stem kept: a million may be held at once
     uri: str
     folders: tuple[str, ...]  # directory components relative to the walked root, as named
-    name: str  # the file's name
+    stem: str  # the file's name without its suffix
+    suffix: str
     stamp: str  # "<size>:<mtime in ns>"
 
     @property
-    def stem(self) -> str:
-        return posixpath.splitext(self.name)[0]
+    def name(self) -> str:
+        return self.stem + self.suffix
 
     @property
     def dirs(self) -> tuple[str, ...]:
@@ -243,7 +250,8 @@ def _walk(uri: str, what: str, store: Store) -> tuple[list[_File], list[tuple[st
             except OSError as exc:
                 skipped.append((shown, f"could not be read to tell whether it is DICOM: {exc}"))
                 continue
-        files.append(_File(uri=shown, folders=tuple(parts[:-1]), name=parts[-1], stamp=stamp))
+        folders = tuple(parts[:-1])
+        files.append(_File(shown, folders, stem, sys.intern(suffix), stamp))
     for where, why in skipped:
         logger.warning("catalog: skipped %s: %s", where, why)
     return files, sorted(skipped)
@@ -259,15 +267,16 @@ def _inside(path: str, folder: str) -> bool:
 
 def _local_files(
     root: str, what: str, uri: str, skipped: list[tuple[str, str]]
-) -> list[tuple[str, str]]:
-    """The files under a local ``root`` (hidden ones left out) with their stamps. Folders are
+) -> Iterator[tuple[str, str]]:
+    """The files under a local ``root`` (hidden ones left out) with their stamps, as they are
+    found (a list of a million would be held beside their files). Folders are
     walked before the symbolic links to folders, and a link is followed only where it stays
     inside ``root`` and leads to a folder not walked yet (so never into a loop); every link
     skipped is named in a warning. Anything else named like an image (a FIFO, a socket, a
     device, a folder) goes to ``skipped`` with what it is. A name that is not UTF-8 is a
     :class:`CatalogError`."""
     top = os.path.realpath(root)
-    walked, files, pending, links = {top}, [], [root], []
+    walked, pending, links = {top}, [root], []
     while pending or links:
         if not pending:  # every real folder walked: now the links to folders, in order
             link = links.pop(0)
@@ -301,10 +310,9 @@ def _local_files(
                     pending.append(entry.path)
             elif entry.is_file():
                 info = entry.stat()
-                files.append((entry.path, f"{info.st_size}:{info.st_mtime_ns}"))
+                yield entry.path, f"{info.st_size}:{info.st_mtime_ns}"
             elif _image_suffix(entry.name):
                 skipped.append((entry.path, f"not a regular file ({_kind(entry)})"))
-    return files
 
 
 def _kind(entry: os.DirEntry) -> str:
@@ -398,12 +406,15 @@ def find_cases(images: str, masks: str | None = None, store: Store = DEFAULT_STO
             masks_by_id[key].append(m)
         else:
             masks_by_id[m.path_id(key, _MASK_DIRS | _IMAGE_DIRS)].append(m)
-    names = _output_names(by_id)
+    hashed = _folded(by_id)
     cases = []
-    for i, f in sorted(by_id.items()):
+    for i in sorted(by_id):
+        f = by_id[i]
         paired = _pair_masks(i, masks_by_id[i]) if i in masks_by_id else ()
         stamps = (f.stamp, *(m.stamp for m in paired))
-        cases.append(Case(i, f.uri, tuple(m.uri for m in paired), names[i], stamps))
+        name = output_name(i, hashed=i in hashed)
+        cases.append(Case(i, f.uri, tuple(m.uri for m in paired), name, stamps))
+    _check_names(c.name for c in cases)
     orphans = sorted(m.uri for i, ms in masks_by_id.items() if i not in by_id for m in ms)
     root = store.resolve(images)[1]
     root = f"{urlparse(images).scheme}://{root}" if is_remote(images) else root
@@ -413,15 +424,17 @@ def find_cases(images: str, masks: str | None = None, store: Store = DEFAULT_STO
 def _image_ids(files: list[_File]) -> tuple[dict[str, _File], set[str]]:
     """Each image's id (its stem; its path where stems clash, with its suffix where even the
     paths clash) and the set of the ids made from paths."""
-    by_stem: dict[str, list[_File]] = defaultdict(list)
-    for f in files:
-        by_stem[f.stem].append(f)
     by_id: dict[str, _File] = {}
+    clashing: dict[str, list[_File]] = {}  # few: no list per unique stem (a million of them)
+    for f in files:
+        if f.stem in clashing:
+            clashing[f.stem].append(f)
+        elif f.stem in by_id:
+            clashing[f.stem] = [by_id.pop(f.stem), f]
+        else:
+            by_id[f.stem] = f
     by_path: set[str] = set()
-    for stem, group in by_stem.items():
-        if len(group) == 1:
-            by_id[stem] = group[0]
-            continue
+    for stem, group in clashing.items():
         paths = Counter(f.path_id(stem, _IMAGE_DIRS) for f in group)
         for f in group:
             key = f.path_id(stem, _IMAGE_DIRS)

@@ -30,7 +30,7 @@ from lungseg.runs.runfolder import (
     train_in_folder,
     write_data_table,
 )
-from lungseg.stages.preprocess import Preprocess, case_records
+from lungseg.stages.preprocess import Preprocess, case_batch
 
 
 class EpochBatches(keras.utils.PyDataset):
@@ -122,10 +122,8 @@ def load_arrays(
     (``id``, ``source``, ``status``, ``error``) for every case."""
     reader = Preprocess(size, store, train=True)
     images, masks, rows = [], [], []
-    records = case_records(cases)
-    for start in range(0, len(records), PREPROCESS_BATCH):
-        chunk = records[start : start + PREPROCESS_BATCH]
-        out = reader({key: [r[key] for r in chunk] for key in chunk[0]})
+    for start in range(0, len(cases), PREPROCESS_BATCH):
+        out = reader(case_batch(cases[start : start + PREPROCESS_BATCH]))
         ok = out["status"] == OK
         images.append(out["image"][ok])
         masks.append(out["mask"][ok])

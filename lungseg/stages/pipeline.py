@@ -17,7 +17,7 @@ from lungseg.core.errors import UserError
 from lungseg.io import storage
 from lungseg.io.catalog import Case
 from lungseg.io.storage import Store
-from lungseg.stages.preprocess import Preprocess, case_records
+from lungseg.stages.preprocess import Preprocess, case_batch
 
 FAULT_DIR = "LUNGSEG_FAULT_DIR"
 
@@ -249,17 +249,32 @@ def preprocessed(
     )
 
 
+_CASE_SCHEMA = pa.schema(
+    [
+        *((key, pa.string()) for key in ("id", "name", "source")),
+        ("truth", pa.list_(pa.string())),
+        *((key, pa.string()) for key in ("source_stamp", "truth_stamp")),
+    ]
+)
+
+
 def case_dataset(cases: Sequence[Case], batch_size: int) -> ray.data.Dataset:
-    """Catalog cases as a dataset of :func:`case_records` rows, about one batch per block.
+    """Catalog cases as a dataset of :func:`case_batch` rows, about one batch per block.
 
     One block per batch lets the stages downstream start early (and spreads the work over an
-    actor pool); capped at 1000 blocks for huge sets. Ray Data restarts an actor that died (a
-    preempted node, a killed process) and runs its batch again; a batch whose function raises
-    is dropped rather than failing the job, and :func:`write_table` gives its cases error rows.
+    actor pool); capped at 1000 blocks for huge sets. Each block is made in Arrow from its own
+    cases and put in the object store at once: the driver never holds a Python row per case, nor
+    all the blocks (``from_items`` of a million cases held both). Ray Data
+    restarts an actor that died (a preempted node, a killed process) and runs its batch again;
+    a batch whose function raises is dropped rather than failing the job, and
+    :func:`write_table` gives its cases error rows.
     """
-    records = case_records(cases)
-    blocks = max(1, min(-(-len(records) // batch_size), 1000))
-    dataset = ray.data.from_items(records, override_num_blocks=blocks)
+    per_block = max(batch_size, -(-len(cases) // 1000))
+    blocks = [
+        ray.put(pa.Table.from_pydict(case_batch(cases[start : start + per_block]), _CASE_SCHEMA))
+        for start in range(0, len(cases), per_block)
+    ] or [ray.put(_CASE_SCHEMA.empty_table())]
+    dataset = ray.data.from_arrow_refs(blocks)
     dataset.context.max_errored_blocks = -1  # copied into every dataset derived from this one
     return dataset
 

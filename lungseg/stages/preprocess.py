@@ -1,12 +1,13 @@
 """Reading X-rays for a model: read, decode, grayscale, stretch, resize, in batches of cases.
 
-:class:`Preprocess` is a plain callable on a batch of :func:`case_records`: Ray Data runs it as
+:class:`Preprocess` is a plain callable on a batch of :func:`case_batch`: Ray Data runs it as
 an actor (:func:`lungseg.stages.pipeline.preprocessed`), and a process without Ray calls it directly
 (:func:`load_arrays`, the single-process trainer, the benchmark's loop).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, fields
 
 import cv2
@@ -28,19 +29,17 @@ FINGERPRINTS = ("source_fingerprint", "truth_fingerprint", "source_stamp", "trut
 catalog's stamps of them."""
 
 
-def case_records(cases: tuple[Case, ...] | list[Case]) -> list[dict]:
-    """Catalog cases as rows for ``ray.data.from_items``."""
-    return [
-        {
-            "id": c.id,
-            "name": c.name,
-            "source": c.image,
-            "truth": list(c.masks),
-            "source_stamp": c.stamps[0] if c.stamps else "",
-            "truth_stamp": ";".join(c.stamps[1:]),
-        }
-        for c in cases
-    ]
+def case_batch(cases: Sequence[Case]) -> dict[str, list]:
+    """Catalog cases as the columns of a batch for :class:`Preprocess` (and of a dataset's
+    block: :func:`lungseg.stages.pipeline.case_dataset`)."""
+    return {
+        "id": [c.id for c in cases],
+        "name": [c.name for c in cases],
+        "source": [c.image for c in cases],
+        "truth": [list(c.masks) for c in cases],
+        "source_stamp": [c.stamps[0] if c.stamps else "" for c in cases],
+        "truth_stamp": [";".join(c.stamps[1:]) for c in cases],
+    }
 
 
 class Preprocess:

@@ -250,13 +250,12 @@ def training_arrays(root: str, size: int, count: int) -> tuple[np.ndarray, np.nd
     """The labelled cases under ``root`` through :class:`lungseg.stages.preprocess.Preprocess` (in
     this process), repeated to ``count``."""
     from lungseg.io import catalog
-    from lungseg.stages.preprocess import Preprocess, case_records
+    from lungseg.stages.preprocess import Preprocess, case_batch
 
     cases = catalog.find_cases(root).labelled
     if not cases:
         raise ValueError(f"the training row needs X-rays with masks under {root}")
-    records = case_records(cases)
-    out = Preprocess(size, train=True)({key: [r[key] for r in records] for key in records[0]})
+    out = Preprocess(size, train=True)(case_batch(cases))
     failed = [str(e) for e in out["error"] if e]
     if failed:
         raise RuntimeError(f"{len(failed)} training images failed: {failed[0]}")
