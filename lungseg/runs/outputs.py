@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import itertools
 import json
 import logging
 import os
@@ -67,6 +68,7 @@ HEARTBEAT_SECONDS = 20.0
 LEDGER_VERSION = 1
 """The manifest's ``ledger``: the manifests of lungseg before the ledger have none."""
 _PLANNED = "planned-"
+_PLAN_KEYS = 100_000  # keys per plan file
 _KINDS = {
     "segment": "a segment output",
     "train": "a training run folder",
@@ -387,9 +389,11 @@ class Claim:
 
     def plan(self, keys: Iterable[str]) -> None:
         """Note the files this run may write, before any is written: a run killed half way
-        leaves files that no row names yet, and they must still be the job's."""
-        text = "\n".join(keys)
-        if text:
+        leaves files that no row names yet, and they must still be the job's. A file per
+        :data:`_PLAN_KEYS` keys: a million images' 4 million keys joined at once held 407 MiB
+        on the driver."""
+        keys = iter(keys)
+        while text := "\n".join(itertools.islice(keys, _PLAN_KEYS)):
             name = f"{_PLANNED}{uuid.uuid4().hex}.txt"
             self.store.write_bytes(storage.join(self.root, f"{LEDGER_DIR}/{name}"), text.encode())
 

@@ -4,6 +4,7 @@ iterable (a Ray dataset's batches, or rows made in this process)."""
 
 from __future__ import annotations
 
+import bisect
 import logging
 import posixpath
 import re
@@ -131,15 +132,22 @@ def write_table(
         store.remove_tree(journal)
         store.write_bytes(storage.join(journal, _FRESH), b"")
         parts = []
-    seen: set[str] = set()
+    ids = sorted(case.id for case in cases)  # the cases' own strings: a set of a million
+    seen = bytearray(len(ids))  # row ids (new strings) held 90 MiB; a byte per case instead
+    others: set[str] = set()  # ids of no case: never expected, still written once
     statuses: Counter[str] = Counter()
 
+    def first_time(case_id: str) -> bool:
+        k = bisect.bisect_left(ids, case_id)
+        if k < len(ids) and ids[k] == case_id:
+            new, seen[k] = not seen[k], 1
+            return new
+        new = case_id not in others
+        others.add(case_id)
+        return new
+
     def account(table: pa.Table) -> pa.Table:
-        first = []
-        for i, case_id in enumerate(table["id"].to_pylist()):
-            if case_id not in seen:
-                seen.add(case_id)
-                first.append(i)
+        first = [i for i, case_id in enumerate(table["id"].to_pylist()) if first_time(case_id)]
         table = table.take(pa.array(first, pa.int64()))
         statuses.update(table["status"].to_pylist())
         if on_table is not None:
@@ -161,7 +169,8 @@ def write_table(
                 store.write_bytes(part, sink.getvalue().to_pybytes())
                 parts.append(part)
                 writer.write_table(table)
-        lost = [case for case in cases if case.id not in seen]
+        lost_ids = {case_id for case_id, done in zip(ids, seen, strict=True) if not done}
+        lost = [case for case in cases if case.id in lost_ids]
         why = {"status": ERROR, "error": LOST}
         rows_lost = [
             dict.fromkeys(schema.names) | {"id": c.id, "source": c.image} | why for c in lost
