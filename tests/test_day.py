@@ -142,8 +142,8 @@ def test_5_6_7_a_job_with_a_corrupt_image_names_it_and_leaves_a_status(tmp_path,
     lines = done.stdout.splitlines()
     # 6: the first seconds say what is happening, in order.
     said = [line.split(" ")[0] for line in lines]
-    assert said.index("catalog:") < said.index("loading") < said.index("starting")
-    assert f"loading model {model_path}" in lines and "starting Ray" in lines
+    assert said.index("checking") < said.index("catalog:") < said.index("starting")
+    assert f"checking model {model_path}" in lines and "starting Ray" in lines
     # 7: the failed image named; no "mean Dice n/a" without ground truth; quality control
     # out of the 2 masks made, not the 3 images.
     assert "segmented 3 images (0 flagged, 1 failed: corrupt)" in lines
