@@ -615,7 +615,9 @@ def right_columns(width: int, split: float) -> int:
 
 
 def encode_image(image: np.ndarray) -> bytes:
-    """Encode an image (8/16-bit, gray or BGR) as PNG, values unchanged."""
+    """Encode an image (8/16-bit, gray or BGR) as PNG, values unchanged. OpenCV's default
+    settings: faster than any explicit compression level or strategy, 15 ms against 51-92 ms
+    for a 2048 px mask and labels (docs: performance, PNG compression)."""
     ok, buffer = cv2.imencode(".png", image)
     if not ok:
         raise ValueError("PNG encoding failed")
