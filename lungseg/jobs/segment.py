@@ -519,7 +519,9 @@ def plan_segmentation(
     outputs.check_apart(store, config.output, reads)
     if config.ids is not None:
         wanted = catalog.read_ids(config.ids, store)
-    catalog.check_root(config.input, "images", store)  # the likeliest typo: before the model
+    for root, what in ((config.input, "images"), (config.masks, "masks")):
+        if root is not None:  # the likeliest typos: before the model's check starts
+            catalog.check_root(root, what, store)
     logger.info("checking model %s", config.model)
     data = store.read_bytes(config.model)
     model = modelfile.describe(data, config.model)
