@@ -5,11 +5,13 @@ from __future__ import annotations
 import os
 import shutil
 import socket
+import tempfile
 from pathlib import Path
 
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("LUNGSEG_CACHE", tempfile.mkdtemp(prefix="lungseg-cache-"))  # not ~/.cache
 
 import pytest
 import ray

@@ -113,8 +113,7 @@ def run_evaluation(
                 f"{config.split} has no subset {config.subset!r}: it has {', '.join(subsets)}"
             )
         wanted = tuple(subsets[config.subset])
-    plan = plan_segmentation(config, {"--split": config.split}, wanted)
-    start_ray()
+    plan = plan_segmentation(config, {"--split": config.split}, wanted, meanwhile=start_ray)
     plan, pools = plan.placed()
     if config.dry_run:  # what would run, said; no summary
         for line in dry_run(plan, pools):
