@@ -17,6 +17,7 @@ from pathlib import Path
 import cv2
 import keras
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -292,6 +293,32 @@ def test_4_a_lapsed_lock_is_taken_over_by_one_job(tmp_path):
         assert json.loads((root / LOCK_FILE).read_text())["token"] != "old"
         assert not list(root.glob(f"{LOCK_FILE}.takeover-*"))
     assert not (root / LOCK_FILE).exists()
+
+
+@pytest.mark.parametrize("planned", [12, 1500])  # a few stale keys looked up; many: listed
+def test_4_a_finishing_run_removes_what_it_planned_and_no_row_names_and_nothing_else(
+    tmp_path, planned
+):
+    """A run killed half way wrote files that its rows never name; the run that finishes
+    removes those, keeps what its rows name, and leaves the user's files alone."""
+    root = tmp_path / "out"
+    root.mkdir()
+    keys = [f"masks/x{i:05d}.png" for i in range(planned)]
+    held = {"resume": False, "overwrite": False}
+    with outputs.claimed(DEFAULT_STORE, str(root), SEGMENT, "segment", {}, **held) as claim:
+        claim.plan(keys)
+        (root / "masks").mkdir()
+        for key in keys[::2]:  # the attempt wrote half of what it planned
+            (root / key).write_bytes(b"png")
+        named = keys[::4]  # and its rows name half of those
+        pq.write_table(pa.table({"mask": named}), root / SEGMENT.table)
+        claim.record(SEGMENT.table)
+        (root / "notes.txt").write_text("the user's")
+        claim.finish()
+    left = {str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()}
+    assert left == {*named, SEGMENT.table, MANIFEST_FILE, "notes.txt"}
+    manifest = json.loads((root / MANIFEST_FILE).read_text())
+    assert manifest["state"] == "complete" and SEGMENT.table in manifest["files"]
 
 
 # 5. ------------------------------------------------------------- ground truth as stored

@@ -41,6 +41,8 @@ import uuid
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.fs as pafs
 
 from lungseg import __version__
@@ -294,21 +296,22 @@ class Ledger:
         return key in self.files or key.split("/", 1)[0] in self.owned
 
 
-def _planned(store: Store, root: str) -> dict[str, str]:
-    """Every plan a run left under ``root`` (by its key) with the keys it lists."""
-    plans = {}
-    for name in store.listing(storage.join(root, LEDGER_DIR)):
-        if name.startswith(_PLANNED):
-            key = f"{LEDGER_DIR}/{name}"
-            plans[key] = store.read_bytes(storage.join(root, key)).decode()
-    return plans
+def _plans(store: Store, root: str) -> list[str]:
+    """The keys of every plan a run left under ``root``."""
+    names = store.listing(storage.join(root, LEDGER_DIR))
+    return [f"{LEDGER_DIR}/{name}" for name in names if name.startswith(_PLANNED)]
+
+
+def _planned(store: Store, root: str, plan: str) -> list[str]:
+    """The keys that the plan ``plan`` under ``root`` lists."""
+    return store.read_bytes(storage.join(root, plan)).decode().splitlines()
 
 
 def ledger(store: Store, root: str, manifest: Mapping, layout: Layout) -> Ledger:
     """The ledger of the runs whose manifest is ``manifest`` (see the module docstring)."""
     files: dict[str, str | None] = {}
-    for text in _planned(store, root).values():
-        files |= dict.fromkeys(text.splitlines())
+    for plan in _plans(store, root):
+        files |= dict.fromkeys(_planned(store, root, plan))
     if layout.table is not None:
         files |= table.written_files(storage.join(root, layout.table), layout.row_files, store)
     files |= manifest.get("files", {})
@@ -409,25 +412,47 @@ class Claim:
 
     def finish(self, **fields) -> None:
         """Complete the run: remove what its earlier runs and attempts wrote that its own
-        outputs do not name, and its plans; record ``fields`` and ``state: complete``."""
-        plans = _planned(self.store, self.root)
-        keep = set(self.written)
+        outputs do not name, and its plans; record ``fields`` and ``state: complete``.
+
+        The keys are compared in Arrow, a plan at a time, and the root is listed only where
+        more than :data:`_LIST_OVER` are stale. A fresh run of a million images has two million
+        keys in its plans and two million in its table: as Python sets they raised the
+        driver's peak memory by 1,650 MiB (28.9 s); in Arrow by 227 MiB (11.7 s), measured on
+        such a table and plans (the docs' performance page)."""
+        plans = _plans(self.store, self.root)
+        keep = pa.array(sorted(self.written), pa.string())
         if self.scope is None and self.layout.table is not None:
             uri = self.uri(self.layout.table)
-            keep |= set(table.written_files(uri, self.layout.row_files, self.store))
-        candidates = {*self.earlier.files, *self.manifest["files"]}
-        for text in plans.values():
-            candidates.update(text.splitlines())
-        if self.scope is not None:
-            candidates = {k for k in candidates if k.split("/", 1)[0] in self.scope}
-        stale = candidates - keep
-        present = self.store.listing(self.root)
-        _remove(self.store, self.root, [*(k for k in stale if k in present), *plans])
+            keep = pa.concat_arrays(
+                [keep, table.written_keys(uri, self.layout.row_files, self.store)]
+            )
+        known = [*self.earlier.files, *self.manifest["files"]]
+        candidates = itertools.chain(
+            [pa.array(known, pa.string())],
+            (pa.array(_planned(self.store, self.root, plan), pa.string()) for plan in plans),
+        )
+        stale: set[str] = set()
+        for keys in candidates:
+            if self.scope is not None:
+                tops = pc.list_element(pc.split_pattern(keys, "/", max_splits=1), 0)
+                keys = keys.filter(pc.is_in(tops, pa.array(self.scope, pa.string())))
+            stale.update(keys.filter(pc.invert(pc.is_in(keys, value_set=keep))).to_pylist())
+        if len(stale) > _LIST_OVER:
+            present = self.store.listing(self.root)
+            stale_present = [k for k in stale if k in present]
+        else:  # a few: each looked up
+            file = pafs.FileType.File
+            stale_present = [k for k in stale if self.store.file_type(self.uri(k)) == file]
+        _remove(self.store, self.root, [*stale_present, *plans])
         files = self.manifest["files"]
         self.manifest["files"] = {k: v for k, v in files.items() if k not in stale}
         if self.scope is None:
             fields = {"state": "complete", "finished": _now(), **fields}
         self.write_manifest(**fields)
+
+
+_LIST_OVER = 1000
+"""Stale keys above which a finishing run lists its root once, rather than looking each up."""
 
 
 def _check_places(root: str, layout: Layout, listing: Mapping[str, int], known: Ledger) -> None:

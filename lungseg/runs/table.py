@@ -9,7 +9,7 @@ import logging
 import posixpath
 import re
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -71,27 +71,46 @@ def previous_rows(uri: str, schema: pa.Schema, store: Store) -> list[dict]:
     return list(rows.values())
 
 
-def written_files(uri: str, columns: Sequence[str], store: Store) -> dict[str, str | None]:
-    """The files that the rows of the table at ``uri`` and of its journal name in ``columns``
-    (keys relative to the output root), each with the fingerprint in ``<column>_fingerprint``
-    (None where a table has no such column); a later row's wins."""
+def _row_file_tables(
+    uri: str, columns: Sequence[str], store: Store
+) -> Iterator[tuple[pa.Table, list[str]]]:
+    """The table at ``uri`` and its journal's parts, in the order written, each read as its
+    ``columns`` that it has (the second value) and their ``<column>_fingerprint``."""
     fs, path = store.resolve(uri)
     parts, _ = _journal_parts(uri, store)
     with storage.explained(uri):
         tables = [path] if fs.get_file_info(path).type == pafs.FileType.File else []
-    files: dict[str, str | None] = {}
     for file in [*tables, *parts]:
         try:
             names = set(pq.read_schema(file, filesystem=fs).names)
             wanted = [c for c in columns if c in names]
             prints = [f"{c}_fingerprint" for c in wanted if f"{c}_fingerprint" in names]
-            rows = pq.read_table(file, filesystem=fs, columns=wanted + prints).to_pylist()
+            yield pq.read_table(file, filesystem=fs, columns=wanted + prints), wanted
         except (OSError, pa.ArrowException) as exc:
             logger.warning("ignoring unreadable %s: %s", file, exc)
-            continue
-        for row in rows:
+
+
+def written_files(uri: str, columns: Sequence[str], store: Store) -> dict[str, str | None]:
+    """The files that the rows of the table at ``uri`` and of its journal name in ``columns``
+    (keys relative to the output root), each with the fingerprint in ``<column>_fingerprint``
+    (None where a table has no such column); a later row's wins."""
+    files: dict[str, str | None] = {}
+    for read, wanted in _row_file_tables(uri, columns, store):
+        for row in read.to_pylist():
             files |= {row[c]: row.get(f"{c}_fingerprint") for c in wanted if row[c]}
     return files
+
+
+def written_keys(uri: str, columns: Sequence[str], store: Store) -> pa.Array:
+    """The keys of :func:`written_files`, as one Arrow array (repeats kept, no fingerprints):
+    what a finishing run keeps, without a Python string per file (:meth:`lungseg.runs.outputs.
+    Claim.finish` has the figures)."""
+    chunks = [
+        read[c].combine_chunks().drop_null()
+        for read, wanted in _row_file_tables(uri, columns, store)
+        for c in wanted
+    ]
+    return pa.concat_arrays(chunks) if chunks else pa.array([], pa.string())
 
 
 def failed_ids(rows: pa.Table) -> list[str]:
