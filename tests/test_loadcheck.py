@@ -56,3 +56,17 @@ def test_a_refused_model_is_refused_again(cache):
                 verdict()
     assert not loadcheck.passed_before(data, 256)
     assert not (cache / "passed-models").exists()
+
+
+def test_a_model_is_not_remembered_where_a_version_cannot_be_told(cache, monkeypatch):
+    def unknown(package: str) -> str:
+        raise loadcheck.metadata.PackageNotFoundError(package)
+
+    monkeypatch.setattr(loadcheck.metadata, "version", unknown)  # another build of TensorFlow
+    data = Path(BUNDLED_MODEL).read_bytes()
+    for _ in range(2):
+        with loadcheck.checking(data, 256, "bundled") as verdict:
+            assert len(_checkers()) == 1
+            verdict()
+    assert not loadcheck.passed_before(data, 256)
+    assert not cache.exists()

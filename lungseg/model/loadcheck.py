@@ -40,10 +40,14 @@ _CHILD_ENV = {
 }
 
 
-def _marker(data: bytes, size: int) -> Path:
+def _marker(data: bytes, size: int) -> Path | None:
     """The file whose presence says that ``data`` passed at input ``size``, under these
-    versions of Keras and TensorFlow."""
-    versions = "|".join(_version(package) for package in ("keras", "tensorflow"))
+    versions of Keras and TensorFlow; None where a version cannot be told (another build of
+    the package, such as tensorflow-cpu): such a file is checked every time."""
+    try:
+        versions = "|".join(metadata.version(package) for package in ("keras", "tensorflow"))
+    except metadata.PackageNotFoundError:
+        return None
     key = hashlib.sha256(hashlib.sha256(data).digest() + f"|{size}|{versions}".encode())
     root = os.environ.get(CACHE) or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "lungseg"
@@ -51,21 +55,17 @@ def _marker(data: bytes, size: int) -> Path:
     return Path(root, "passed-models", key.hexdigest())
 
 
-def _version(package: str) -> str:
-    try:
-        return metadata.version(package)
-    except metadata.PackageNotFoundError:  # another build of it (tensorflow-cpu): checked anew
-        return "unknown"
-
-
 def passed_before(data: bytes, size: int) -> bool:
     """Whether the model file ``data`` passed the check before, at input ``size``, with the
     Keras and TensorFlow installed now."""
-    return _marker(data, size).is_file()
+    marker = _marker(data, size)
+    return marker is not None and marker.is_file()
 
 
 def _remember(data: bytes, size: int) -> None:
     marker = _marker(data, size)
+    if marker is None:
+        return
     try:
         marker.parent.mkdir(parents=True, exist_ok=True)
         marker.touch()
