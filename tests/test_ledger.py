@@ -398,8 +398,8 @@ def test_6_resources_that_cannot_fit_are_refused_before_the_claim(tmp_path):
         ResourceConfig(actor_cpus=float("inf"))
     out = tmp_path / "out"
     for resources, why in [
-        (ResourceConfig(actor_cpus=5), r"asks for 5 CPUs per actor, more than the largest node"),
-        (ResourceConfig(preprocess_actors=6), r"actor pools need .* more than this Ray cluster"),
+        (ResourceConfig(actor_cpus=5), r"asks for 5 CPUs per task, more than the largest node"),
+        (ResourceConfig(preprocess_actors=6), r"the pools need .* more than this Ray cluster"),
     ]:
         with pytest.raises(UserError, match=why):
             run_segmentation(SegmentConfig(output=str(out), resources=resources))

@@ -21,14 +21,14 @@ Pool, Cluster = pipeline.Pool, pipeline.Cluster
     ("cpus", "gpus", "use_gpu", "preprocess", "model"),
     [
         # A 2-core laptop: one model actor on 1.2 CPUs (2 TensorFlow threads, writing the
-        # masks), one preprocessing actor on the rest.
-        (2, 0, False, Pool(1, 1, 0.8, initial=1), Pool(1, 1, 1.2, threads=2, calls=2)),
-        # A 16-core node: two model actors on 60% of the cores, 6 preprocessing actors at most.
-        (16, 0, False, Pool(1, 6, 1.0, initial=1), Pool(2, 2, 4.8, threads=5, calls=2)),
+        # masks), one preprocessing task at a time on the rest.
+        (2, 0, False, Pool(1, 1, 0.8, tasks=True), Pool(1, 1, 1.2, threads=2, calls=2)),
+        # A 16-core node: two model actors on 60% of the cores, 6 preprocessing tasks at once.
+        (16, 0, False, Pool(1, 6, 1.0, tasks=True), Pool(2, 2, 4.8, threads=5, calls=2)),
         # 16 cores and a GPU: the GPU's actor writes nothing itself; 15 CPUs to preprocessing.
-        (16, 1, True, Pool(1, 15, 1.0, initial=1), Pool(1, 1, 1.0, gpus=1, threads=2, calls=2)),
-        # A 64-core node with 4 GPUs: an actor per GPU, 60 preprocessing actors at most.
-        (64, 4, True, Pool(1, 60, 1.0, initial=1), Pool(4, 4, 1.0, gpus=1, threads=2, calls=2)),
+        (16, 1, True, Pool(1, 15, 1.0, tasks=True), Pool(1, 1, 1.0, gpus=1, threads=2, calls=2)),
+        # A 64-core node with 4 GPUs: an actor per GPU, 60 preprocessing tasks at once.
+        (64, 4, True, Pool(1, 60, 1.0, tasks=True), Pool(4, 4, 1.0, gpus=1, threads=2, calls=2)),
     ],
 )
 def test_pools_fit_the_node(cpus, gpus, use_gpu, preprocess, model):
@@ -42,8 +42,8 @@ def test_no_actor_declares_more_than_a_node_has():
     # Two 3-CPU nodes (tests/test_cluster.py): a 3.6-CPU model actor would never start.
     preprocess, model = pipeline.segment_pools(Cluster(6, node_cpus=3))
     assert model == Pool(2, 2, 1.8, threads=2, calls=2)
-    # An upper bound: the pool grows only by actors that start (two here, one beside each).
-    assert preprocess == Pool(1, 3, 0.8, initial=1)
+    # An upper bound: tasks start where CPUs are free (two here, one beside each model actor).
+    assert preprocess == Pool(1, 3, 0.8, tasks=True)
     # Four 16-core nodes: eight model actors of 4.8 CPUs, three to a node.
     preprocess, model = pipeline.segment_pools(Cluster(64, node_cpus=16))
     assert (model.max_size, model.cpus, preprocess.cpus) == (8, 4.8, 1.0)
@@ -60,11 +60,11 @@ def test_given_sizes_are_fixed_and_a_missing_gpu_is_named():
         pipeline.segment_pools(Cluster(8), ResourceConfig(device="gpu"))
 
 
-def test_a_preprocessing_pool_alone_starts_at_full_size():
-    assert pipeline.preprocess_pool(Cluster(2)) == Pool(1, 2, 0.8, initial=2)
-    assert pipeline.preprocess_pool(Cluster(16)) == Pool(1, 16, 1.0, initial=16)
+def test_preprocessing_alone_runs_as_many_tasks_as_the_cpus_hold():
+    assert pipeline.preprocess_pool(Cluster(2)) == Pool(1, 2, 0.8, tasks=True)
+    assert pipeline.preprocess_pool(Cluster(16)) == Pool(1, 16, 1.0, tasks=True)
     three = ResourceConfig(preprocess_actors=3)
-    assert pipeline.preprocess_pool(Cluster(16), three) == Pool(3, 3, 1.0, initial=3)
+    assert pipeline.preprocess_pool(Cluster(16), three) == Pool(3, 3, 1.0, tasks=True)
 
 
 def test_training_workers_leave_half_the_cpus_to_ray_data():
@@ -104,7 +104,7 @@ def test_preprocess_sample_and_bad_files(tmp_path):
     found = catalog.find_cases(str(root))
     rows = {
         row["id"]: row
-        for row in pipeline.preprocessed(found.cases, 64, Pool(1, 2, 0.25), train=True)
+        for row in pipeline.preprocessed(found.cases, 64, Pool(1, 2, 0.25, tasks=True), train=True)
         .materialize()
         .take_all()
     }

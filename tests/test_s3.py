@@ -116,7 +116,7 @@ def test_object_gone_mid_run_becomes_error_row(s3, s3_endpoint):
     found = catalog.find_cases(f"{data}/images", store=Store(s3_endpoint))
     s3.delete_object(Bucket="xrays", Key=f"gone/images/{SAMPLE_IDS[0]}.png")
     rows = pipeline.preprocessed(
-        found.cases, 64, pipeline.Pool(1, 1, 0.25), Store(s3_endpoint)
+        found.cases, 64, pipeline.Pool(1, 1, 0.25, tasks=True), Store(s3_endpoint)
     ).take_all()
     status = {row["id"]: (row["status"], row["error"]) for row in rows}
     assert status[SAMPLE_IDS[1]] == ("ok", "")

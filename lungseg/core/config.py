@@ -150,14 +150,14 @@ DEVICES = ("cpu", "gpu", AUTO)
 
 @dataclass(frozen=True)
 class ResourceConfig:
-    """Preprocessing actors and their CPUs each, GPUs for the model (None: derived from the
+    """Preprocessing tasks at once and their CPUs each, GPUs for the model (None: derived from the
     cluster's CPUs and GPUs, :mod:`lungseg.stages.pipeline`)."""
 
     preprocess_actors: int | None = option(
-        None, "OpenCV actors (default: a pool that grows to the spare CPUs)"
+        None, "OpenCV preprocessing tasks at once (default: as many as the spare CPUs hold)"
     )
     actor_cpus: float | None = option(
-        None, "CPUs per preprocessing actor (default: 0.8 up to 4 CPUs a node, else 1)"
+        None, "CPUs per preprocessing task (default: 0.8 up to 4 CPUs a node, else 1)"
     )
     device: str = option(
         "cpu",
@@ -312,7 +312,7 @@ class SegmentConfig:
     )
     dry_run: bool = option(
         False,
-        "check the options, catalog the images, load the model and plan the actor pools, print "
+        "check the options, catalog the images, load the model and plan the pools, print "
         "what would run, and stop: no actor starts, nothing is written",
     )
     resources: ResourceConfig = option(ResourceConfig(), "resources")
@@ -435,7 +435,7 @@ class CleanConfig:
         False, "replace the earlier run in OUTPUT: the files its ledger lists are removed first"
     )
     sheet: int = option(8, "images on the contact sheet, first by id")
-    batch_size: int = option(PREPROCESS_BATCH, "most images per actor call")
+    batch_size: int = option(PREPROCESS_BATCH, "most images per task")
     params: CleanParams = option(CleanParams(), "cleaning steps")
     resources: ResourceConfig = option(ResourceConfig(), "resources", without=("device",))
     s3_endpoint: str | None = _s3_endpoint()

@@ -2,8 +2,8 @@
 
 Array functions (pure NumPy/OpenCV, as in imaging.py) compose into :func:`clean_image`:
 normalise to 8 bits, resize, optional CLAHE, Gaussian denoising, Otsu's threshold, inversion by
-the border rule, opening and closing, and masking of the image. :class:`Cleaner` runs them in a
-pool of Ray Data actors that write ``cleaned/<name>.png`` and ``masks/<name>.png`` (``name``:
+the border rule, opening and closing, and masking of the image. :func:`clean_batch` runs them in
+Ray Data tasks that write ``cleaned/<name>.png`` and ``masks/<name>.png`` (``name``:
 :func:`lungseg.io.catalog.output_name` of the id) under the output
 root and return scalar rows; :func:`run_cleaning` drives those into ``cleaning.parquet`` and
 draws a contact sheet of the first inputs beside their cleaned results.
@@ -38,7 +38,7 @@ from lungseg.io.storage import Store
 from lungseg.runs import outputs, table
 from lungseg.stages import pipeline
 
-__all__ = ["CleanParams", "CleanResult", "Cleaner", "clean_image", "run_cleaning"]
+__all__ = ["CleanParams", "CleanResult", "clean_batch", "clean_image", "run_cleaning"]
 
 logger = logging.getLogger(__name__)
 
@@ -227,21 +227,17 @@ def clean_one(
     return row
 
 
-class Cleaner:
-    """Ray Data actor: clean each image of a batch, write its PNGs, return scalar rows."""
-
-    def __init__(self, output: str, params: CleanParams, store: Store, threads: int = 1) -> None:
-        cv2.setNumThreads(threads)
-        self.output = output
-        self.params = params
-        self.store = store
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
-        rows = [
-            clean_one(str(i), str(n), str(s), self.output, self.params, self.store)
-            for i, n, s in zip(batch["id"], batch["name"], batch["source"], strict=True)
-        ]
-        return {name: [row[name] for row in rows] for name in SCHEMA.names}
+def clean_batch(
+    batch: dict[str, np.ndarray], output: str, params: CleanParams, store: Store
+) -> dict[str, list]:
+    """What a Ray Data task runs: clean each image of a batch, write its PNGs, return scalar
+    rows."""
+    cv2.setNumThreads(1)  # a task per CPU: OpenCV's own threads would oversubscribe them
+    rows = [
+        clean_one(str(i), str(n), str(s), output, params, store)
+        for i, n, s in zip(batch["id"], batch["name"], batch["source"], strict=True)
+    ]
+    return {name: [row[name] for row in rows] for name in SCHEMA.names}
 
 
 def _tile(uri: str | None, size: int, store: Store, stretch: bool) -> np.ndarray:
@@ -297,7 +293,7 @@ def run_cleaning(
     progress: Progress | None = None,
     start_ray: Callable[[], None] = pipeline.attach,
 ) -> CleanSummary:
-    """Clean every image under ``config.input`` (mask files are skipped) in OpenCV actors.
+    """Clean every image under ``config.input`` (mask files are skipped) in OpenCV tasks.
 
     Writes ``cleaned/<name>.png``, ``masks/<name>.png``, one Parquet row per image in
     ``cleaning.parquet`` and, unless ``config.sheet`` is 0, ``contact_sheet.png`` of the first
@@ -329,7 +325,7 @@ def run_cleaning(
 
 
 def _pool(config: CleanConfig) -> pipeline.Pool:
-    """The cleaning actors' pool, refused where it could never start."""
+    """The cleaning tasks' pool, refused where it could never start."""
     on = pipeline.cluster()
     pool = pipeline.preprocess_pool(on, config.resources)
     pipeline.check_fits({"--preprocess-actors/--actor-cpus": pool}, on)
@@ -347,8 +343,8 @@ def _clean(
     batch_size = pipeline.task_batch(len(cases), pool.max_size, config.batch_size)
     claim.plan(key for case in cases for key in output_keys(case.name))
     rows = pipeline.case_dataset(cases, batch_size).map_batches(
-        Cleaner,
-        fn_constructor_kwargs={"output": config.output, "params": config.params, "store": store},
+        clean_batch,
+        fn_kwargs={"output": config.output, "params": config.params, "store": store},
         compute=pool.strategy(),
         batch_size=batch_size,
         num_cpus=pool.cpus,

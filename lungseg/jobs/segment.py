@@ -1,6 +1,6 @@
 """Batch inference: X-rays -> mask PNGs at each image's own size + one Parquet row per image.
 
-Three overlapping Ray Data stages: OpenCV preprocessing actors, segmenting actors that load the
+Three overlapping Ray Data stages: OpenCV preprocessing tasks, segmenting actors that load the
 model once each (a GPU each when asked), and a :class:`MaskWriter` that cleans the mask,
 restores the image's size, writes the PNGs and scores the mask against the ground truth when
 there is one (in the segmenting actor on CPU nodes, in tasks of its own on GPU nodes).
@@ -468,7 +468,7 @@ class SegmentPlan:
         """On the Ray cluster this process is attached to: the plan with its device and
         precision made concrete (what the manifest records: :func:`lungseg.stages.pipeline.
         resolve_device`, :func:`~lungseg.stages.pipeline.resolve_precision`) and its
-        preprocessing and model actor pools (:func:`lungseg.stages.pipeline.segment_pools`),
+        preprocessing and model pools (:func:`lungseg.stages.pipeline.segment_pools`),
         refused where they could never start."""
         on = pipeline.cluster()
         resources = pipeline.resolve_device(self.config.resources, on)
@@ -566,7 +566,7 @@ def dry_run(plan: SegmentPlan, pools: tuple[pipeline.Pool, pipeline.Pool]) -> li
         f"model: {config.model} ({model.size} px, SHA-256 {model.sha256[:12]}), "
         f"threshold {config.threshold}, quality control {quality}",
         f"device: {res.device}, precision {config.precision}, batch {config.batch_size}",
-        f"preprocessing actors: {preprocess.min_size}-{preprocess.max_size}, "
+        f"preprocessing tasks: up to {preprocess.max_size} at once, "
         f"{preprocess.cpus:g} CPUs each; model actors: {models.max_size}, {models.cpus:g} CPUs"
         f"{gpus} and {models.threads} threads each",
         f"files per image: {per_image}; then {SEGMENT_TABLE} and the manifest",

@@ -302,7 +302,7 @@ def _train(
     store = claim.store
     fs, path = store.resolve(config.output)
     pool, worker_cpus, use_gpu = _pools(config)
-    # One read of every split: one actor pool to start, and no start-up in the next split's time.
+    # One read of every split, so that no split waits for the read of the one before.
     split_of = {case.id: name for name, cases in data.parts.items() for case in cases}
     progress.start("read", len(split_of))
     cases = [case for part in data.parts.values() for case in part]

@@ -1,4 +1,4 @@
-"""Ray Data stages shared by the jobs: the case dataset, the preprocessing actor pool, the CPU
+"""Ray Data stages shared by the jobs: the case dataset, the preprocessing tasks' pool, the CPU
 shares that keep a small machine from hanging, and rows streamed back to the driver."""
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from lungseg.core.errors import UserError
 from lungseg.io import storage
 from lungseg.io.catalog import Case
 from lungseg.io.storage import Store
-from lungseg.stages.preprocess import Preprocess, case_batch
+from lungseg.stages.preprocess import case_batch, preprocess_batch
 
 FAULT_DIR = "LUNGSEG_FAULT_DIR"
 
@@ -42,9 +42,16 @@ def inject_fault(point: str, count: int) -> None:
 
 @dataclass(frozen=True)
 class Pool:
-    """A Ray Data actor pool: between ``min_size`` and ``max_size`` actors (Ray Data adds actors
-    while their input queues up), each declaring ``cpus`` and ``gpus`` and running ``threads``
-    threads of its own (TensorFlow's intra-op threads, mask writers)."""
+    """A Ray Data pool: between ``min_size`` and ``max_size`` actors (Ray Data adds actors while
+    their input queues up), each declaring ``cpus`` and ``gpus`` and running ``threads`` threads
+    of its own (TensorFlow's intra-op threads, mask writers); or, with ``tasks``, up to
+    ``max_size`` tasks at once, each declaring ``cpus``.
+
+    Tasks run in the worker processes Ray keeps, started with Ray itself, where an actor is a
+    process started for it: a job's first batch starts about 2 s sooner (the docs' performance
+    page, warm workers against fresh actors). The stages that hold nothing between batches
+    (preprocessing, cleaning) are tasks; the model, loaded once per process, is an actor.
+    """
 
     min_size: int
     max_size: int
@@ -52,13 +59,14 @@ class Pool:
     gpus: int = 0
     threads: int = 1
     calls: int = 1  # batches an actor takes at once (its own threads run them)
-    initial: int | None = None  # actors started at once (None: min_size)
+    tasks: bool = False
 
-    def strategy(self) -> ray.data.ActorPoolStrategy:
+    def strategy(self) -> ray.data.ActorPoolStrategy | ray.data.TaskPoolStrategy:
+        if self.tasks:
+            return ray.data.TaskPoolStrategy(size=self.max_size)
         return ray.data.ActorPoolStrategy(
             min_size=self.min_size,
             max_size=self.max_size,
-            initial_size=self.initial,
             max_concurrent_calls_per_actor=self.calls,
             enable_true_multi_threading=self.calls > 1,
         )
@@ -79,9 +87,9 @@ MODEL_CALLS = 2
 """Batches a model actor takes at once: it predicts one (a lock keeps the model to one) while its
 threads post-process and write the other, so that neither waits for the other."""
 SMALL_NODE = 4
-"""Up to this many CPUs, preprocessing actors declare less than a CPU each (:data:`SMALL_ACTOR`),
+"""Up to this many CPUs, preprocessing tasks declare less than a CPU each (:data:`SMALL_TASK`),
 so that they fit beside the model actor; its threads fill the gaps."""
-SMALL_ACTOR = 0.8
+SMALL_TASK = 0.8
 
 
 def attach() -> None:
@@ -92,22 +100,22 @@ def attach() -> None:
 
 
 def check_fits(pools: dict[str, Pool], on: Cluster) -> None:
-    """Refuse actor pools that could never start, before any is asked for: an actor that needs
+    """Refuse pools that could never start, before any is asked for: an actor or task that needs
     more CPUs than the largest node has, or pools whose smallest sizes need more CPUs than the
     cluster has (Ray would wait for them for ever, saying nothing). ``pools`` are named by the
     options that size them."""
     for option, pool in pools.items():
         if pool.cpus > on.node:
             raise UserError(
-                f"{option} asks for {pool.cpus:g} CPUs per actor, more than the largest node of "
-                f"this Ray cluster has ({on.node:g})"
+                f"{option} asks for {pool.cpus:g} CPUs per {'task' if pool.tasks else 'actor'}, "
+                f"more than the largest node of this Ray cluster has ({on.node:g})"
             )
     least = sum(pool.min_size * pool.cpus for pool in pools.values())
     if least > on.cpus + 1e-9:
         parts = ", ".join(f"{p.min_size} x {p.cpus:g} ({o})" for o, p in pools.items())
         raise UserError(
-            f"the actor pools need {least:g} CPUs at their smallest ({parts}), more than this "
-            f"Ray cluster has ({on.cpus:g}): ask for fewer actors or fewer CPUs each"
+            f"the pools need {least:g} CPUs at their smallest ({parts}), more than this "
+            f"Ray cluster has ({on.cpus:g}): ask for fewer actors or tasks, or fewer CPUs each"
         )
 
 
@@ -184,19 +192,16 @@ def train_worker_cpus(on: Cluster, workers: int, given: float | None = None) -> 
 def preprocess_pool(
     on: Cluster, resources: ResourceConfig = ResourceConfig(), reserved: float = 0.0
 ) -> Pool:
-    """The pool of preprocessing actors on the cluster, less the ``reserved`` CPUs of other
-    actors.
+    """The preprocessing tasks' pool on the cluster, less the ``reserved`` CPUs of other actors:
+    as many tasks at once as the spare CPUs hold.
 
-    Each actor declares :data:`SMALL_ACTOR` CPUs on nodes of up to :data:`SMALL_NODE` CPUs,
-    else 1 (or ``resources.actor_cpus``). Beside other actors (``reserved``) the pool starts
-    with one actor, leaving them the CPUs they start on, and grows to what the spare CPUs hold
-    while its input queues up; alone it starts at that size, which is faster than growing.
-    ``resources.preprocess_actors`` fixes its size.
+    Each task declares :data:`SMALL_TASK` CPUs on nodes of up to :data:`SMALL_NODE` CPUs, else
+    1 (or ``resources.actor_cpus``). ``resources.preprocess_actors`` fixes how many run at once.
     """
     actors = resources.preprocess_actors
-    each = resources.actor_cpus or (SMALL_ACTOR if on.node <= SMALL_NODE else 1.0)
+    each = resources.actor_cpus or (SMALL_TASK if on.node <= SMALL_NODE else 1.0)
     most = actors or max(1, int(max(on.cpus - reserved, each) / each + 1e-9))
-    return Pool(actors or 1, most, cpus=each, initial=most if actors or not reserved else 1)
+    return Pool(actors or 1, most, cpus=each, tasks=True)
 
 
 def segment_pools(
@@ -235,14 +240,14 @@ def preprocessed(
     train: bool = False,
     header: bool = False,
 ) -> ray.data.Dataset:
-    """A lazy dataset of preprocessed cases, decoded in an actor ``pool`` of
-    :class:`lungseg.stages.preprocess.Preprocess` (``display``, ``train``, ``header``: its
-    columns)."""
+    """A lazy dataset of preprocessed cases, decoded by
+    :class:`lungseg.stages.preprocess.Preprocess` in the tasks of ``pool`` (``display``,
+    ``train``, ``header``: its columns)."""
     batch_size = task_batch(len(cases), pool.max_size)
     settings = {"display": display, "train": train, "header": header}
     return case_dataset(cases, batch_size).map_batches(
-        Preprocess,
-        fn_constructor_kwargs={"size": size, "store": store, **settings},
+        preprocess_batch,
+        fn_kwargs={"size": size, "store": store, **settings},
         compute=pool.strategy(),
         batch_size=batch_size,
         num_cpus=pool.cpus,

@@ -1,8 +1,9 @@
 """Reading X-rays for a model: read, decode, grayscale, stretch, resize, in batches of cases.
 
-:class:`Preprocess` is a plain callable on a batch of :func:`case_batch`: Ray Data runs it as
-an actor (:func:`lungseg.stages.pipeline.preprocessed`), and a process without Ray calls it directly
-(:func:`load_arrays`, the single-process trainer, the benchmark's loop).
+:class:`Preprocess` is a plain callable on a batch of :func:`case_batch`: Ray Data runs it in
+tasks (:func:`preprocess_batch`, :func:`lungseg.stages.pipeline.preprocessed`), and a process
+without Ray calls it directly (:func:`load_arrays`, the single-process trainer, the benchmark's
+loop).
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ def case_batch(cases: Sequence[Case]) -> dict[str, list]:
 
 
 class Preprocess:
-    """Ray Data actor: read bytes through pyarrow, decode, grayscale, normalise, resize.
+    """Read bytes through pyarrow, decode, grayscale, normalise, resize, a batch at a time.
 
     Output columns: ``id``, ``name`` (of the output files), ``source``, ``image`` (uint8 size x
     size), ``height``, ``width`` (the image's own size), the DICOM header's ``INFO_COLUMNS``,
@@ -159,3 +160,9 @@ class Preprocess:
         out["source"] = batch["source"]
         out["has_truth"] = np.array([len(t) > 0 for t in batch["truth"]])
         return out
+
+
+def preprocess_batch(batch: dict[str, np.ndarray], size: int, **settings) -> dict[str, np.ndarray]:
+    """:class:`Preprocess` of one batch: what a Ray Data task runs
+    (:func:`lungseg.stages.pipeline.preprocessed`); ``settings`` are its other arguments."""
+    return Preprocess(size, **settings)(batch)

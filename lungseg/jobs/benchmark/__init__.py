@@ -9,7 +9,7 @@ times with each side's best kept, because shared machines are noisy:
    (:mod:`lungseg.jobs.benchmark.baselines`), against ``lungseg segment`` as its own process,
    Ray's start included; and in-process (Ray already running here), images/s;
 2. inference, 512 px images, whole process, images/s;
-3. preprocessing: the Preprocess steps in a loop against the Ray Data actor pool, images/s;
+3. preprocessing: the Preprocess steps in a loop against the Ray Data tasks, images/s;
 4. training: the second of two epochs of ``model.fit`` against the training job's loop on Ray
    Train with one worker, seconds;
 5. memory: the peak memory (PSS) of the whole Ray session segmenting a small vs a large set.
@@ -228,7 +228,7 @@ def _ray_start_seconds() -> float:
 
 
 def _ray_preprocess(folder: Path, size: int) -> None:
-    """The Ray Data preprocessing actor pool given the whole cluster (as clean and the training
+    """The Ray Data preprocessing tasks given the whole cluster (as clean and the training
     data stage have it), drained to its statuses alone (the images go on, not to the driver)."""
     cases = catalog.find_cases(str(folder)).cases
     pool = pipeline.preprocess_pool(pipeline.cluster())
@@ -252,7 +252,7 @@ def _preprocessing_row(config: BenchmarkConfig, folder: Path, size: int) -> Row:
     per_image = runs[0].cpu_seconds / len(paths) * 1000
     return make_row(
         "preprocessing",
-        ("single-process loop", f"Ray Data, {pool.min_size}-{pool.max_size} actors"),
+        ("single-process loop", f"Ray Data, {pool.max_size} tasks at once"),
         "images/s",
         runs,
         (len(paths) / runs[0].seconds, len(paths) / runs[1].seconds),
