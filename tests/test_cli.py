@@ -260,3 +260,27 @@ def test_a_job_leaves_no_empty_log_behind_and_keeps_one_with_output(tmp_path, mo
         os.write(2, b"failed call to cuInit\n")
     assert not os.path.exists(quiet)
     assert Path(noisy).read_bytes() == b"failed call to cuInit\n"
+
+
+def test_a_local_ray_stops_with_its_job_every_process_of_it():
+    """The Ray a job starts goes with it, its autoscaler monitor too, killed before the GCS
+    stops (its SIGTERM handler reported to a stopped GCS until Ray killed it a second later)."""
+    script = (
+        "import ray\n"
+        "from lungseg import console\n"
+        "with console.Session(console.NORMAL, 'segment') as session:\n"
+        "    session.start_ray()\n"
+        "    node = ray._private.worker._global_node\n"
+        "    print(*(p.process.pid for ps in node.all_processes.values() for p in ps))\n"
+        "    print('monitor' in node.all_processes)\n"
+        "print(ray.is_initialized())\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env=LOCAL, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    pids, had_monitor, running = done.stdout.splitlines()[-3:]
+    assert (had_monitor, running) == ("True", "False")
+    assert len(pids.split()) >= 4  # the GCS, the raylet, the monitor, the dashboard's head...
+    assert [pid for pid in pids.split() if Path(f"/proc/{pid}").exists()] == []
+    assert "autoscaler" not in done.stderr.lower()
