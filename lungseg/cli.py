@@ -357,8 +357,7 @@ def _export(config: ExportConfig, session: console.Session) -> int:
 def _benchmark(config: BenchmarkConfig, session: console.Session) -> int:
     from lungseg.jobs.benchmark import format_table, run_benchmark
 
-    session.start_ray()  # local: the memory row measures the processes this driver starts
-    result = run_benchmark(config)
+    result = run_benchmark(config, start_ray=session.start_ray)
     _say(format_table(result))
     _say(f"results: {result.json}")
     return EXIT_OK

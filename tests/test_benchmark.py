@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -89,8 +90,14 @@ def test_stage_costs_sum_to_a_ceiling():
 
 @pytest.mark.usefixtures("local_ray")
 @pytest.mark.timeout(900)  # three whole-process sides of two image sets
-def test_benchmark_runs_every_stage_at_tiny_sizes(tmp_path, model_path):
+def test_benchmark_runs_every_stage_at_tiny_sizes(tmp_path, model_path, caplog):
     root = copy_sample(tmp_path / "data", SAMPLE_IDS[:2])
+    caplog.set_level(logging.INFO, logger="lungseg")
+    own = []  # whole-process sides measured when Ray is asked for: all of them, none after
+
+    def start_ray() -> None:
+        own.append(sum("own process:" in r.getMessage() for r in caplog.records))
+
     result = run_benchmark(
         BenchmarkConfig(
             input=str(root),
@@ -105,8 +112,10 @@ def test_benchmark_runs_every_stage_at_tiny_sizes(tmp_path, model_path):
             train_model=ModelConfig(size=64, base_filters=4, depth=2),
             batch_size=4,
             rounds=1,
-        )
+        ),
+        start_ray=start_ray,
     )
+    assert own == [6] == [sum("own process:" in r.getMessage() for r in caplog.records)]
     saved = json.loads(Path(result.json).read_text())
     stages = [row["stage"] for row in saved["rows"]]
     assert stages == [

@@ -29,7 +29,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, replace
 from functools import partial
 from pathlib import Path
@@ -140,15 +140,21 @@ def tfdata_goal(count: int) -> float:
 
 
 def _film_rows(
-    config: BenchmarkConfig, name: str, folder: Path, work: Path, costs: StageCosts, goal: float
+    config: BenchmarkConfig,
+    name: str,
+    folder: Path,
+    work: Path,
+    costs: StageCosts,
+    goal: float,
+    whole: list[Measurement],
 ) -> list[Row]:
     """The whole-process rows of ``folder``'s images (the job against the loop and against the
-    tf.data pipeline, from one alternation of the three), and for the hospital images the
-    in-process row too."""
+    tf.data pipeline: ``whole``, one alternation of the three), and for the hospital images the
+    in-process row too (Ray running here)."""
     cores = pipeline.cluster().cpus
     count = len(list(folder.iterdir()))
     ceiling = costs.ceiling(cores)
-    loop, tfdata, job = alternate(config.rounds, _whole_process_sides(config, folder, work))
+    loop, tfdata, job = whole
     note = (
         f"{count} images, batch {config.batch_size}, masks written at full size; each side "
         f"a process of its own (the job's Ray start, about {_ray_start_seconds():.0f} s here, "
@@ -381,8 +387,15 @@ def _machine() -> dict:
     }
 
 
-def run_benchmark(config: BenchmarkConfig) -> BenchmarkResult:
-    """Run the chosen stages side by side, log progress, write ``output/benchmark.json``."""
+def run_benchmark(
+    config: BenchmarkConfig, start_ray: Callable[[], None] = pipeline.attach
+) -> BenchmarkResult:
+    """Run the chosen stages side by side, log progress, write ``output/benchmark.json``.
+
+    Every whole-process side runs first, with no Ray in this process: an idle local Ray beside
+    ``lungseg segment`` (which starts its own) made it 3-4 s slower on 400 hospital images (29.2
+    and 30.4 s against 26.2 and 26.2, 2026-12-04). Then ``start_ray`` (the CLI's starts a local
+    Ray, whose processes the memory row measures) for the rows that need Ray here."""
     from lungseg.model.unet import load_model
 
     if any(uri.startswith("s3://") for uri in (config.input, config.output)):
@@ -410,20 +423,28 @@ def run_benchmark(config: BenchmarkConfig) -> BenchmarkResult:
                 )
             },
         }
+        whole, piped = {}, {}
+        for stage in config.stages:
+            for name, (folder, _) in films.get(stage, {}).items():
+                logger.info("%s, each side a process of its own:", name)
+                sample = sorted(str(p) for p in folder.iterdir())[: 4 * config.batch_size]
+                measured = {
+                    side: stage_costs(sample, config.model, config.batch_size, p, work / "costs")
+                    for side, p in (("pipeline", precision), ("loop", "float32"))
+                }
+                costs[name] = {side: c.to_dict() for side, c in measured.items()}
+                piped[name] = measured["pipeline"]
+                sides = _whole_process_sides(config, folder, work)
+                whole[name] = alternate(config.rounds, sides)
+                _ray_start_seconds()  # timed here too, with no Ray running beside it
+        start_ray()
         for stage in config.stages:
             logger.info("%s:", stage)
             if stage in films:
                 for name, (folder, goal) in films[stage].items():
-                    sample = sorted(str(p) for p in folder.iterdir())[: 4 * config.batch_size]
-                    measured = {
-                        side: stage_costs(
-                            sample, config.model, config.batch_size, p, work / "costs"
-                        )
-                        for side, p in (("pipeline", precision), ("loop", "float32"))
-                    }
-                    costs[name] = {side: c.to_dict() for side, c in measured.items()}
-                    pipe = measured["pipeline"]
-                    rows.extend(_film_rows(config, name, folder, work, pipe, goal))
+                    rows.extend(
+                        _film_rows(config, name, folder, work, piped[name], goal, whole[name])
+                    )
             elif stage == "preprocessing":
                 folder = replicate(sources, config.preprocess_images, work / "preprocessing")
                 rows.append(_preprocessing_row(config, folder, size))
