@@ -154,3 +154,29 @@ def test_benchmark_runs_every_stage_at_tiny_sizes(tmp_path, model_path, caplog):
     # Without the segment stages (--stages preprocessing,memory) there is no step table.
     alone = format_table(dataclasses.replace(result, rows=result.rows[5:], costs={}))
     assert "| preprocessing |" in alone and "core-ms per image |" not in alone
+
+
+@pytest.mark.timeout(600)
+def test_the_benchmark_command_starts_its_ray_after_the_whole_process_sides(tmp_path, model_path):
+    """As the README runs it: a process with no Ray until the whole-process sides are measured
+    (``lungseg segment`` starts its own), then Ray for the in-process row."""
+    root = copy_sample(tmp_path / "data", SAMPLE_IDS[:2])
+    out = tmp_path / "out"
+    argv = ["--input", str(root), "--output", str(out), "--model", model_path, "--stages"]
+    argv += ["hospital", "--films", "4", "--film-size", "256", "--batch-size", "4", "--rounds", "1"]
+    done = subprocess.run(
+        [sys.executable, "-m", "lungseg", "benchmark", *argv],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "RAY_ADDRESS": "local"},
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    saved = json.loads((out / "benchmark.json").read_text())
+    assert [row["stage"] for row in saved["rows"]] == [
+        "hospital images (256 px), 4, whole process",
+        "hospital images (256 px), 4, whole process, tf.data",
+        "hospital images (256 px), 4, in process",
+    ]
+    assert saved["machine"]["ray_cpus"] > 0
+    assert "lungseg segment" in done.stdout

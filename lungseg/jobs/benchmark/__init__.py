@@ -401,7 +401,6 @@ def run_benchmark(
     if any(uri.startswith("s3://") for uri in (config.input, config.output)):
         raise ValueError("the benchmark reads and writes local folders only")
     sources = [case.image for case in catalog.find_cases(config.input).cases]
-    machine = _machine()
     model = load_model(Path(config.model).read_bytes())
     size, flops = int(model.input_shape[1]), conv_flops(model)
     precision = pipeline.resolve_precision(SegmentConfig().precision, config.use_gpu)
@@ -438,6 +437,7 @@ def run_benchmark(
                 whole[name] = alternate(config.rounds, sides)
                 _ray_start_seconds()  # timed here too, with no Ray running beside it
         start_ray()
+        machine = _machine()
         for stage in config.stages:
             logger.info("%s:", stage)
             if stage in films:
