@@ -428,8 +428,8 @@ def run_benchmark(
                 logger.info("%s, each side a process of its own:", name)
                 sample = sorted(str(p) for p in folder.iterdir())[: 4 * config.batch_size]
                 measured = {
-                    side: stage_costs(sample, config.model, config.batch_size, p, work / "costs")
-                    for side, p in (("pipeline", precision), ("loop", "float32"))
+                    side: stage_costs(sample, config.model, config.batch_size, p, work / "c", job)
+                    for side, p, job in (("pipeline", precision, True), ("loop", "float32", False))
                 }
                 costs[name] = {side: c.to_dict() for side, c in measured.items()}
                 piped[name] = measured["pipeline"]

@@ -116,14 +116,19 @@ def _write_mask(
     probability: np.ndarray,
     calibration: qc.Calibration,
     output: Path,
+    labels: bool = False,
 ) -> None:
     """What the job does with an image's probabilities: post-process and assess them at segment's
-    default threshold, resize the mask to the image, write its PNG."""
+    default threshold, resize the mask to the image, write its PNG, and with ``labels`` the
+    labels picture that tells the lungs apart (the job writes both; the loop, the mask alone)."""
     threshold = SegmentConfig.threshold
-    mask = imaging.postprocess(probability, threshold)
-    qc.assess(mask, probability, calibration)
-    mask = imaging.resize_mask(mask, *image.shape[:2])
+    small = imaging.postprocess(probability, threshold)
+    qc.assess(small, probability, calibration)
+    mask = imaging.resize_mask(small, *image.shape[:2])
     (output / f"{Path(path).stem}.png").write_bytes(imaging.encode_png(mask))
+    if labels:
+        picture = imaging.lung_labels(mask, imaging.lungs_split(small))
+        (output / f"{Path(path).stem}-labels.png").write_bytes(imaging.encode_image(picture))
 
 
 def plain_segment(paths: Sequence[str], model_uri: str, output: Path, batch_size: int) -> None:
@@ -189,7 +194,7 @@ class StageCosts:
     decode: float  # read the file, decode it
     preprocess: float  # grayscale, stretch, resize to the model's input
     model: float  # predict the image, per image of a batch
-    write: float  # post-process, assess, resize back, encode the PNG, write it
+    write: float  # post-process, assess, resize back, encode and write the mask and labels PNGs
 
     @property
     def total(self) -> float:
@@ -209,9 +214,15 @@ def _cpu_seconds() -> float:
 
 
 def stage_costs(
-    paths: Sequence[str], model_uri: str, batch_size: int, precision: str, output: Path
+    paths: Sequence[str],
+    model_uri: str,
+    batch_size: int,
+    precision: str,
+    output: Path,
+    labels: bool = True,
 ) -> StageCosts:
-    """:class:`StageCosts` over ``paths`` (a batch or more of them)."""
+    """:class:`StageCosts` over ``paths`` (a batch or more of them); ``labels``: the job's
+    labels picture is written too (not by the loop)."""
     from lungseg.model.unet import with_precision
 
     model, calibration = _load(model_uri)
@@ -238,7 +249,7 @@ def stage_costs(
         output.mkdir(parents=True, exist_ok=True)
         started = _cpu_seconds()
         for path, image, p in zip(paths, decoded, probability, strict=True):
-            _write_mask(path, image, p, calibration, output)
+            _write_mask(path, image, p, calibration, output, labels)
         write = _cpu_seconds() - started
     finally:
         cv2.setNumThreads(threads)
