@@ -198,10 +198,10 @@ def preprocess_pool(
     Each task declares :data:`SMALL_TASK` CPUs on nodes of up to :data:`SMALL_NODE` CPUs, else
     1 (or ``resources.actor_cpus``). ``resources.preprocess_actors`` fixes how many run at once.
     """
-    actors = resources.preprocess_actors
+    fixed = resources.preprocess_actors
     each = resources.actor_cpus or (SMALL_TASK if on.node <= SMALL_NODE else 1.0)
-    most = actors or max(1, int(max(on.cpus - reserved, each) / each + 1e-9))
-    return Pool(actors or 1, most, cpus=each, tasks=True)
+    most = fixed or max(1, int(max(on.cpus - reserved, each) / each + 1e-9))
+    return Pool(fixed or 1, most, cpus=each, tasks=True)
 
 
 def segment_pools(

@@ -435,7 +435,8 @@ def run_benchmark(
                 piped[name] = measured["pipeline"]
                 sides = _whole_process_sides(config, folder, work)
                 whole[name] = alternate(config.rounds, sides)
-                _ray_start_seconds()  # timed here too, with no Ray running beside it
+        if whole:
+            _ray_start_seconds()  # timed once for the rows' notes, with no Ray running beside it
         start_ray()
         machine = _machine()
         for stage in config.stages:

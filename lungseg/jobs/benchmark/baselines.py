@@ -219,7 +219,7 @@ def stage_costs(
     batch_size: int,
     precision: str,
     output: Path,
-    labels: bool = True,
+    labels: bool,
 ) -> StageCosts:
     """:class:`StageCosts` over ``paths`` (a batch or more of them); ``labels``: the job's
     labels picture is written too (not by the loop)."""
