@@ -92,6 +92,11 @@ def test_auto_precision_follows_the_hardware(tmp_path, flags, use_gpu, precision
     assert pipeline.resolve_precision("auto", False, str(tmp_path / "none")) == "float32"
 
 
+def test_the_batch_follows_the_device_unless_given():
+    assert (pipeline.resolve_batch(None, False), pipeline.resolve_batch(None, True)) == (4, 8)
+    assert pipeline.resolve_batch(16, False) == pipeline.resolve_batch(16, True) == 16
+
+
 @pytest.mark.usefixtures("local_ray")
 @pytest.mark.timeout(180)
 def test_preprocess_sample_and_bad_files(tmp_path):

@@ -145,6 +145,10 @@ def test_2_a_dry_run_says_what_would_run_and_writes_nothing(earlier_run, tmp_pat
     assert "dry run: would segment 4 of the catalog's 4 images" in caplog.text
     assert "which holds no earlier run" in caplog.text
     assert "files per image: masks/, labels/, overlays/;" in caplog.text
+    assert f"device: cpu, precision {AUTO_PRECISION}, batch 2" in caplog.text
+    caplog.clear()
+    run_segmentation(replace(config, output=str(tmp_path / "dry"), batch_size=None, dry_run=True))
+    assert f"precision {AUTO_PRECISION}, batch 4" in caplog.text  # the default, made concrete
     caplog.clear()
     before = sorted(p.name for p in out.iterdir())
     run_segmentation(replace(config, dry_run=True))  # into the earlier run's root

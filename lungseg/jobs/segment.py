@@ -465,15 +465,18 @@ class SegmentPlan:
         )
 
     def placed(self) -> tuple[SegmentPlan, tuple[pipeline.Pool, pipeline.Pool]]:
-        """On the Ray cluster this process is attached to: the plan with its device and
-        precision made concrete (what the manifest records: :func:`lungseg.stages.pipeline.
-        resolve_device`, :func:`~lungseg.stages.pipeline.resolve_precision`) and its
+        """On the Ray cluster this process is attached to: the plan with its device,
+        precision and batch made concrete (what the manifest records:
+        :func:`lungseg.stages.pipeline.resolve_device`, :func:`~lungseg.stages.pipeline.
+        resolve_precision`, :func:`~lungseg.stages.pipeline.resolve_batch`) and its
         preprocessing and model pools (:func:`lungseg.stages.pipeline.segment_pools`),
         refused where they could never start."""
         on = pipeline.cluster()
         resources = pipeline.resolve_device(self.config.resources, on)
         precision = pipeline.resolve_precision(self.config.precision, resources.use_gpu)
-        plan = replace(self, config=replace(self.config, resources=resources, precision=precision))
+        batch = pipeline.resolve_batch(self.config.batch_size, resources.use_gpu)
+        config = replace(self.config, resources=resources, precision=precision, batch_size=batch)
+        plan = replace(self, config=config)
         preprocess, models = pipeline.segment_pools(on, resources, self.config.segment_actors)
         pipeline.check_fits(
             {"--preprocess-actors/--actor-cpus": preprocess, "--segment-actors": models}, on

@@ -23,7 +23,7 @@ import numpy as np
 
 from lungseg import __version__
 from lungseg.core import draw, imaging, qc
-from lungseg.core.config import THRESHOLD, RecipeConfig, SegmentConfig
+from lungseg.core.config import MODEL_BATCH, THRESHOLD, RecipeConfig
 from lungseg.core.layout import CURVES_FILE, METRICS_FILE, MODEL_FILE, PROVENANCE_FILE
 from lungseg.core.metrics import Confusion, confusion
 from lungseg.model import modelfile
@@ -81,7 +81,7 @@ def calibrated(model: bytes, images: np.ndarray, masks: np.ndarray) -> bytes:
     network = load_model(model)
     films = images[:CALIBRATION_FILMS]
     batch = films[..., None].astype(np.float32)
-    probability = network.predict(batch, batch_size=SegmentConfig.batch_size, verbose=0)
+    probability = network.predict(batch, batch_size=MODEL_BATCH["cpu"], verbose=0)
     probability = imaging.probability_bytes(probability[..., 0]) / 255.0
     calibration = qc.calibrate(probability, masks[: len(films)], THRESHOLD)
     missing = (

@@ -12,7 +12,7 @@ import pyarrow as pa
 import ray
 from ray.data import ExecutionResources
 
-from lungseg.core.config import AUTO, PREPROCESS_BATCH, ResourceConfig
+from lungseg.core.config import AUTO, MODEL_BATCH, PREPROCESS_BATCH, ResourceConfig
 from lungseg.core.errors import UserError
 from lungseg.io import storage
 from lungseg.io.catalog import Case
@@ -174,6 +174,12 @@ def resolve_precision(precision: str, use_gpu: bool, cpuinfo: str = "/proc/cpuin
     except OSError:
         flags = []
     return "bfloat16" if {"avx512_bf16", "amx_bf16"} & set(flags) else "float32"
+
+
+def resolve_batch(batch_size: int | None, use_gpu: bool) -> int:
+    """``batch_size``, or the device's :data:`~lungseg.core.config.MODEL_BATCH`. Decided on the
+    driver, so that the manifest records it (masks differ in the last bits with it)."""
+    return batch_size or MODEL_BATCH["gpu" if use_gpu else "cpu"]
 
 
 def train_worker_cpus(on: Cluster, workers: int, given: float | None = None) -> float:

@@ -400,6 +400,7 @@ def run_benchmark(
 
     if any(uri.startswith("s3://") for uri in (config.input, config.output)):
         raise ValueError("the benchmark reads and writes local folders only")
+    config = replace(config, batch_size=pipeline.resolve_batch(config.batch_size, config.use_gpu))
     sources = [case.image for case in catalog.find_cases(config.input).cases]
     model = load_model(Path(config.model).read_bytes())
     size, flops = int(model.input_shape[1]), conv_flops(model)
