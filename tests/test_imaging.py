@@ -3,6 +3,8 @@ values."""
 
 from __future__ import annotations
 
+import zlib
+
 import cv2
 import numpy as np
 import pytest
@@ -12,6 +14,7 @@ from lungseg.core.imaging import (
     augment,
     binarise,
     decode,
+    encode_image,
     encode_png,
     fill_holes,
     keep_largest,
@@ -434,6 +437,29 @@ def test_encode_png_round_trip() -> None:
     assert decoded.shape == (3, 5)
     np.testing.assert_array_equal(decoded, mask * 255)
     np.testing.assert_array_equal(binarise(decoded), mask)
+
+
+def _row_filters(png: bytes) -> list[int]:
+    """The filter byte of each row of an 8-bit gray PNG (its IDAT chunks inflated)."""
+    width = int.from_bytes(png[16:20], "big")
+    idat, at = b"", 8
+    while at < len(png):
+        length, kind = int.from_bytes(png[at : at + 4], "big"), png[at + 4 : at + 8]
+        idat += png[at + 8 : at + 8 + length] if kind == b"IDAT" else b""
+        at += 12 + length
+    raw = zlib.decompress(idat)
+    return [raw[i] for i in range(0, len(raw), width + 1)]
+
+
+def test_flat_pictures_are_encoded_unfiltered_values_unchanged() -> None:
+    labels = np.array([[0, 1, 1, 0], [2, 2, 0, 1], [0, 0, 0, 0]], np.uint8)
+    flat = encode_image(labels, flat=True)
+    np.testing.assert_array_equal(decode(flat), labels)
+    assert _row_filters(flat) == [0, 0, 0]
+    assert _row_filters(encode_png(labels > 0)) == [0, 0, 0]
+    ramp = np.tile(np.arange(0, 64, 8, dtype=np.uint8), (3, 1))  # a photograph's rows are filtered
+    assert any(_row_filters(encode_image(ramp)))
+    np.testing.assert_array_equal(decode(encode_image(ramp)), ramp)
 
 
 def test_load_mask_merges_left_and_right() -> None:

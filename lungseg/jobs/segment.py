@@ -228,7 +228,8 @@ class MaskWriter:
             row = _row(case_id, source, OK, **keys, **read)
             row["mask_fingerprint"] = self._write(keys["mask"], imaging.encode_png(mask))
             labels = imaging.lung_labels(mask, split)
-            row["labels_fingerprint"] = self._write(keys["labels"], imaging.encode_image(labels))
+            labels_png = imaging.encode_image(labels, flat=True)
+            row["labels_fingerprint"] = self._write(keys["labels"], labels_png)
             if self.probabilities:
                 picture = imaging.encode_image(batch["probability"][i])
                 row["probability_fingerprint"] = self._write(keys["probability"], picture)

@@ -128,7 +128,8 @@ def _write_mask(
     (output / f"{Path(path).stem}.png").write_bytes(imaging.encode_png(mask))
     if labels:
         picture = imaging.lung_labels(mask, imaging.lungs_split(small))
-        (output / f"{Path(path).stem}-labels.png").write_bytes(imaging.encode_image(picture))
+        labels_png = imaging.encode_image(picture, flat=True)
+        (output / f"{Path(path).stem}-labels.png").write_bytes(labels_png)
 
 
 def plain_segment(paths: Sequence[str], model_uri: str, output: Path, batch_size: int) -> None:
