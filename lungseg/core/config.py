@@ -28,9 +28,9 @@ PREPROCESS_BATCH = 128
 object store and an idle gap in its actor (measured in the docs' performance page)."""
 MODEL_BATCH = {"cpu": 4, "gpu": 8}
 """Images per model call unless ``--batch-size`` says otherwise, by device. On CPUs 4: a smaller
-batch's activations stay in cache, and the bundled model cost less per image at 4 than at 8 on
-both 2-core machines measured (bfloat16: 20.6 against 23.3 core-ms; float32: 115-142 against
-120-156), whole jobs unchanged within the noise (the docs' performance page). On GPUs 8."""
+batch's activations stay in cache, and the bundled model cost 4-17% less per image at 4 than at 8
+(float32 on 2 cores, seven comparisons; whole 400-film jobs the same within the noise: the docs'
+performance page). On GPUs 8."""
 THRESHOLD = 0.5
 """The lung probability at which masks are cut, in segment and in training's validation."""
 CONTRAST_CLIP, CONTRAST_TILES = 2.0, 8
