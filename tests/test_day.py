@@ -236,13 +236,18 @@ def test_1_2_a_resumed_segment_counts_its_reviews_once_and_the_report_follows(
 ):
     """The README's order: segment into the default ``out/segment``, resume it, then
     ``lungseg report out/segment``. The resume once said ``32 of 16 masks to review`` (kept
-    rows counted twice), and the report after the quick start exited 2."""
-    data = copy_sample(tmp_path / "data", SAMPLE_IDS[:3])
+    rows counted twice), and the report after the quick start exited 2. The module's Ray was
+    started in another folder, as by ``ray start`` elsewhere: its workers once read and wrote
+    the relative paths there, the masks away from their table."""
+    copy_sample(tmp_path / "data", SAMPLE_IDS[:3])
     monkeypatch.chdir(tmp_path)
-    assert main(["segment", "--input", str(data)]) == EXIT_OK
+    assert main(["segment", "--input", "data"]) == EXIT_OK
+    masks = sorted(p.name for p in (tmp_path / "out" / "segment" / "masks").iterdir())
+    assert masks == [f"{case_id}.png" for case_id in SAMPLE_IDS[:3]]
     capfd.readouterr()
-    assert main(["segment", "--input", str(data), "--resume"]) == EXIT_OK
+    assert main(["segment", "--input", "data", "--resume"]) == EXIT_OK
     said = capfd.readouterr().out
+    assert "resume: 3 images done by an earlier run, 0 to segment" in said
     review = pq.read_table("out/segment/segmentation.parquet")["qc"].to_pylist().count("review")
     assert f"quality control: {review} of 3 masks to review (qc column)" in said
     assert main(["report", "out/segment"]) == EXIT_OK

@@ -170,6 +170,17 @@ def test_2_an_s3_output_spelled_with_dots_is_refused_before_any_write(s3, s3_end
     assert after == before
 
 
+def test_a_jobs_relative_paths_are_its_drivers_wherever_they_are_resolved(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    store = Store.for_job()  # on the driver; a Ray worker unpickles it in another folder
+    monkeypatch.chdir(tmp_path.parent)
+    assert store.resolve("out/x.png")[1] == str(tmp_path / "out" / "x.png")
+    assert store.resolve("./a/../b.png")[1] == str(tmp_path / "b.png")
+    assert store.resolve("/elsewhere/c.png")[1] == "/elsewhere/c.png"
+    assert store.resolve(f"file://{tmp_path}/d.png")[1] == str(tmp_path / "d.png")
+    assert Store().resolve("e.png")[1] == str(tmp_path.parent / "e.png")  # no job: this process's
+
+
 def test_2_every_s3_uri_a_job_reads_or_writes_is_checked_alike():
     store = Store("http://127.0.0.1:1")
     assert store.resolve("s3://b/ds/")[1] == "b/ds"

@@ -157,11 +157,17 @@ class Store:
     """Local files and S3 objects of one job, reached through pyarrow filesystems.
 
     ``endpoint`` is the S3 endpoint URL (``http://host:port``; None: AWS itself). Make one with
-    :meth:`for_job`, which settles the endpoint from the option or the environment once. A Store
-    pickles to its endpoint, so Ray actors get it as an argument.
+    :meth:`for_job`, which settles the endpoint from the option or the environment once, and
+    the ``folder`` that relative local paths are under. A Store pickles to both, so Ray's
+    workers get it as an argument.
     """
 
     endpoint: str | None = None
+    folder: str | None = None
+    """Where relative local paths are: a job's store (:meth:`for_job`) takes its driver's working
+    folder, since Ray's workers keep the folder Ray was started in (``ray start`` elsewhere, or
+    a driver that changed folders) and would read and write somewhere else; None: this
+    process's own."""
 
     @classmethod
     def for_job(cls, s3_endpoint: str | None = None) -> Store:
@@ -177,11 +183,12 @@ class Store:
         ):
             if value:
                 check_endpoint(value, name)
-                return cls(value)
-        return cls(None)
+                return cls(value, os.getcwd())
+        return cls(None, os.getcwd())
 
     def resolve(self, uri: str) -> tuple[pafs.FileSystem, str]:
-        """``(filesystem, path)`` for pyarrow; local paths come back absolute."""
+        """``(filesystem, path)`` for pyarrow; local paths come back absolute, relative ones
+        under :attr:`folder`."""
         parsed = urlparse(uri)
         if parsed.scheme == "s3":
             return _s3(self.endpoint), _s3_path(uri, parsed.netloc, parsed.path)
@@ -190,7 +197,8 @@ class Store:
                 f"unsupported URI scheme {parsed.scheme!r} in {uri!r} (use a path or s3://)"
             )
         path = parsed.path if parsed.scheme == "file" else uri
-        return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(path))
+        local = os.path.join(self.folder or os.getcwd(), os.path.expanduser(path))
+        return pafs.LocalFileSystem(), os.path.normpath(local)
 
     def read_bytes(self, uri: str) -> bytes:
         """Read a whole object or file."""
