@@ -21,35 +21,67 @@ def lungs() -> np.ndarray:
     return mask
 
 
+def film() -> np.ndarray:
+    """The X-ray under :func:`lungs`: black lungs, a diaphragm 40 grey levels bright from row 50,
+    just under their lowest row (49)."""
+    image = np.zeros((64, 64), np.uint8)
+    image[50:] = 40
+    return image
+
+
 CALIBRATION = qc.Calibration(
-    mean=(0.3, 0.05, 0.02),
-    scale=(0.05, 0.01, 0.01),
-    weights=(0.0, -0.005, -0.004),
+    mean=(0.3, 0.05, 0.02, 37.5),
+    scale=(0.05, 0.01, 0.01, 5.0),
+    weights=(0.0, -0.005, -0.004, 0.01),
     intercept=0.97,
     error=0.01,
     review_dice=0.95,
     films=10,
 )
 """A model whose typical training mask is 5% unsure with 2% of its area in probability left
-outside, predicted Dice 0.97; masks predicted under 0.95 go to review."""
+outside and ends on a diaphragm like :func:`film`'s, predicted Dice 0.97; masks predicted under
+0.95 go to review."""
 
 
 def score(dice: float) -> float:
     return 1 / (1 + math.exp(-(dice - 0.95) / 0.01))
 
 
-def test_features_are_the_lung_share_the_unsure_share_and_the_probability_left_outside() -> None:
+def test_features_are_the_lung_share_unsure_share_probability_outside_and_border() -> None:
     mask = lungs()
     probability = mask.astype(np.float64)
     probability[10:50, 6:10] = 0.8  # 160 of the mask's 1,600 pixels under 0.9
     probability[50:52, 6:26] = 0.5  # 40 pixels of 0.5 below the mask: 20 over 1,600
     probability[0:2, 0:10] = 0.05  # not above 0.05: not counted
-    assert qc.features(mask, probability).tolist() == pytest.approx([1600 / 4096, 0.1, 0.0125])
+    measured = qc.features(mask, probability, film())
+    assert measured.tolist() == pytest.approx([1600 / 4096, 0.1, 0.0125, 37.5])
+
+
+def test_the_lower_border_is_the_contrast_just_under_the_weaker_lung() -> None:
+    # Smoothed 3 x 3 (rows weighed 1/4, 1/2, 1/4), row 50 is 30 and rows 51-53 are 40: the four
+    # rows below the lungs average 37.5, the four above (45-48) 0.
+    assert qc.BORDER_BAND == 4
+    assert qc.lower_border(film(), lungs()) == 37.5
+    # A diaphragm under the left lung only (columns 32 on): the right lung's middle columns
+    # (10-21 of 6-25) end on black, so the pair scores 0.
+    image = film()
+    image[50:, :32] = 0
+    assert qc.lower_border(image, lungs()) == 0.0
+    # Lungs that stop 8 rows short of the diaphragm end on black too.
+    short = lungs()
+    short[42:50] = 0
+    assert qc.lower_border(film(), short) == 0.0
+    # Brighter above than below: negative.
+    assert qc.lower_border(40 - film(), lungs()) == -37.5
+    # A lung down to the image's last rows has no band below it to read.
+    low = lungs()
+    low[50:62, 6:26] = 1
+    assert qc.lower_border(film(), low) == 0.0
 
 
 def test_a_confident_mask_is_ok_with_its_predicted_dice() -> None:
     mask = lungs()
-    quality = qc.assess(mask, mask.astype(np.float64), CALIBRATION)
+    quality = qc.assess(mask, mask.astype(np.float64), film(), CALIBRATION)
     # unsure 0 adds 0.005 x 5 = 0.025, outside 0 adds 0.004 x 2 = 0.008: 1.003, kept to 1
     assert quality == qc.Quality(1.0, pytest.approx(score(1.0)), False, ())
     assert quality.score == pytest.approx(0.993307, abs=1e-6)  # 1 / (1 + exp(-5))
@@ -59,7 +91,7 @@ def test_an_unsure_mask_is_sent_to_review_and_named() -> None:
     mask = lungs()
     probability = mask.astype(np.float64)
     probability[10:50, 6:18] = 0.7  # 480 of 1,600 pixels: 30% unsure, 25 points over the usual
-    quality = qc.assess(mask, probability, CALIBRATION)
+    quality = qc.assess(mask, probability, film(), CALIBRATION)
     assert quality.dice == pytest.approx(0.97 - 0.125 + 0.008)
     assert quality.score == pytest.approx(score(0.853))
     assert quality.reasons == (
@@ -73,7 +105,7 @@ def test_probability_left_outside_the_mask_lowers_the_predicted_dice() -> None:
     mask = lungs()
     probability = mask.astype(np.float64)
     probability[50:60, 6:58] = 0.5  # 520 pixels of 0.5 below the lungs: 260 / 1,600
-    quality = qc.assess(mask, probability, CALIBRATION)
+    quality = qc.assess(mask, probability, film(), CALIBRATION)
     assert quality.dice == pytest.approx(0.97 + 0.025 - 0.004 * (0.1625 - 0.02) / 0.01)
     assert quality.reasons == (
         "predicted Dice 0.938, under the model's cut 0.950",
@@ -81,9 +113,20 @@ def test_probability_left_outside_the_mask_lowers_the_predicted_dice() -> None:
     )
 
 
+def test_a_mask_that_does_not_end_on_a_diaphragm_is_sent_to_review_and_named() -> None:
+    mask = lungs()
+    quality = qc.assess(mask, mask.astype(np.float64), np.zeros((64, 64), np.uint8), CALIBRATION)
+    # 1.003 as a confident mask on film(), less 0.01 x 37.5 / 5 = 0.075 for a border of 0
+    assert quality.dice == pytest.approx(0.928)
+    assert quality.reasons == (
+        "predicted Dice 0.928, under the model's cut 0.950",
+        "little contrast at its lower border (0 grey levels): it may stop short of the diaphragm",
+    )
+
+
 def test_an_implausible_mask_has_no_predicted_dice_and_scores_0() -> None:
     empty = np.zeros((64, 64), np.uint8)
-    quality = qc.assess(empty, empty.astype(np.float64), CALIBRATION)
+    quality = qc.assess(empty, empty.astype(np.float64), film(), CALIBRATION)
     assert quality == qc.Quality(None, 0.0, True, ("no lung found",), implausible=True)
 
 
@@ -100,19 +143,23 @@ def test_calibration_fits_the_dice_of_its_training_masks() -> None:
     truths.append(lungs())
     films.append(lungs().astype(np.float64))  # no lung in the truth: nothing to score
     truths.append(np.zeros((64, 64), np.uint8))
-    calibration = qc.calibrate(np.stack(films), np.stack(truths), 0.5)
+    images = np.zeros((len(films), 64, 64), np.uint8)  # black: every lower border reads 0
+    calibration = qc.calibrate(images, np.stack(films), np.stack(truths), 0.5)
     assert calibration.films == 10
+    assert calibration.weights[3] == 0.0  # a measure that never varies adds nothing
     assert calibration.intercept == pytest.approx(np.mean(dice))
-    predicted = [calibration.dice(qc.features(imaging.postprocess(p, 0.5), p)) for p in films[:10]]
+    predicted = [
+        calibration.dice(qc.features(imaging.postprocess(p, 0.5), p, images[0])) for p in films[:10]
+    ]
     assert np.abs(np.array(predicted) - dice).max() < 0.005  # nearly linear in the rows cut
     assert calibration.error < 0.005
-    # The cut is the fitted values' 13.5% quantile: 0.215 of the way from the second lowest
+    # The cut is the fitted values' 14% quantile: 0.26 of the way from the second lowest
     # (8 rows short) to the third (7 rows)
-    assert qc.REVIEW_SHARE == 0.135
+    assert qc.REVIEW_SHARE == 0.14
     low = sorted(predicted)
-    assert calibration.review_dice == pytest.approx(low[1] + 0.215 * (low[2] - low[1]))
+    assert calibration.review_dice == pytest.approx(low[1] + 0.26 * (low[2] - low[1]))
     assert low[1:3] == [predicted[8], predicted[7]]
-    few = qc.calibrate(np.stack(films[:7]), np.stack(truths[:7]), 0.5)
+    few = qc.calibrate(images[:7], np.stack(films[:7]), np.stack(truths[:7]), 0.5)
     assert few is None  # 7 plausible masks: fewer than MIN_FILMS
     assert qc.MIN_FILMS == 8
 

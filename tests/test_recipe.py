@@ -91,7 +91,13 @@ def test_image_scores_are_means_over_images():
 def test_provenance_records_the_kept_epoch_and_the_weights():
     history = _history([0.5, 0.8, 0.7])
     calibration = qc.Calibration(
-        (0.3, 0.05, 0.02), (0.05, 0.01, 0.01), (0, -0.005, -0.004), 0.97, 0.01, 0.95, 5
+        (0.3, 0.05, 0.02, 40),
+        (0.05, 0.01, 0.01, 12),
+        (0, -0.005, -0.004, 0.002),
+        0.97,
+        0.01,
+        0.95,
+        5,
     )
     model = ModelFile("ab" * 32, 256, calibration)
     split = {"train": ["b", "a"], "val": ["c"]}
@@ -167,13 +173,14 @@ def test_a_trained_model_carries_its_quality_control_calibration_in_its_file():
     assert recipe.calibrated(bare, images, masks) == calibrated  # the same bytes for the same model
     found = describe(calibrated).calibration
     assert found is not None and found.films == len(images) == 16  # every mask plausible
-    # The sample's 16 films are the bundled model's own training films: its calibration on
+    # The sample's 16 films are like the bundled model's training films: its calibration on
     # the 472 of them predicts about the same Dice from about the same features.
     own = describe(bundled).calibration
     assert abs(found.intercept - own.intercept) < 0.02
     assert abs(found.review_dice - own.review_dice) < 0.03
     assert np.allclose(found.mean, own.mean, rtol=0.5)
-    assert all(w <= 0 for w in own.weights)  # less sure, more left outside: a lower Dice
+    # Less sure, more left outside, a lower border with less contrast: a lower Dice.
+    assert all(w < 0 for w in own.weights[:3]) and own.weights[3] > 0
     films = images[:2, ..., None].astype(np.float32)
     np.testing.assert_array_equal(
         load_model(calibrated).predict(films, verbose=0), load_model(bare).predict(films, verbose=0)
@@ -186,12 +193,17 @@ def test_a_trained_model_carries_its_quality_control_calibration_in_its_file():
         assert qc.Calibration(**json.loads(archive.read(NOTES))["qc"]) == other
 
 
-def test_a_model_calibrated_for_two_view_quality_control_is_said_to_have_none():
+def test_a_model_calibrated_for_an_earlier_quality_control_is_said_to_have_none():
     bare = to_bytes(load_model(Path(BUNDLED_MODEL).read_bytes()))
     old = {"disagreement": 0.015, "uncertain": 0.11, "review_risk": 2.3, "films": 472}
     found = describe(_with_notes(bare, {"qc": old}))
     assert found.calibration is None
     assert found.calibration_missing.startswith("its calibration is for the two-view")
+    three = {"mean": [0.26, 0.05, 0.02], "scale": [0.06, 0.01, 0.007], "weights": [0, 0, 0]}
+    three |= {"intercept": 0.97, "error": 0.008, "review_dice": 0.966, "films": 472}
+    found = describe(_with_notes(bare, {"qc": three}))
+    assert found.calibration is None
+    assert found.calibration_missing.startswith("its calibration weighs the 3 measures of an")
     with pytest.raises(UserError, match="no valid quality-control calibration"):
         describe(_with_notes(bare, {"qc": {"mean": [0.3], "films": 2}}))
 

@@ -5,15 +5,16 @@ expert masks of the Montgomery and Shenzhen sets, taken to the model's 256 x 256
 8.4% to 43.3% of an image (1st to 99th percentile 13.3% to 39.7%), every mask has two lungs, and
 the smaller lung is at least a tenth of the larger (1st percentile 0.46).
 
-:func:`assess` predicts the Dice of plausible masks too (``qc_dice``), from three measures of
-the one pass of the model that drew the mask (:func:`features`): how much of the image the
-lungs cover, how much of the mask the model was unsure of, and how much probability it left
-outside the mask. A ridge regression of the true Dice on them, fitted by the model's trainer on
-its own training images (:func:`calibrate`, stored in the model file as :class:`Calibration`),
-turns them into a Dice. The bundled model's poor masks are confident ones (they leave out the
-lung behind the heart): an atlas check, a CNN regressor and a second, contrast-enhanced view
-were measured beside this and did not rank them better for their cost (the model card has the
-table).
+:func:`assess` predicts the Dice of plausible masks too (``qc_dice``), from four measures of
+the one pass of the model that drew the mask and the image it saw (:func:`features`): how much
+of the image the lungs cover, how much of the mask the model was unsure of, how much
+probability it left outside the mask, and whether the mask's lower border sits on a diaphragm
+(:func:`lower_border`). A ridge regression of the true Dice on them, fitted by the model's
+trainer on its own training images (:func:`calibrate`, stored in the model file as
+:class:`Calibration`), turns them into a Dice. The bundled model's poor masks are confident ones
+(they leave out the lung behind the heart or an opacity): an atlas check, a CNN regressor and a
+second, contrast-enhanced view were measured beside this and did not rank them better for their
+cost (docs/quality-control.md has the table).
 """
 
 from __future__ import annotations
@@ -60,17 +61,23 @@ SURE = 0.9
 """Mask pixels with a probability under this are ones the model was unsure of."""
 OUTSIDE = 0.05
 """Probabilities above this outside the mask count as lung the mask may have left out."""
-FEATURES = ("lung_fraction", "unsure", "outside")
+BORDER_BAND = 4
+"""The rows just below and just above a lung's lowest mask pixel that :func:`lower_border`
+compares (measured at 3, 4 and 6 on the bundled model's validation split: 4 ranked best)."""
+BORDER_COLUMNS = 0.6
+"""The middle share of a lung's columns that :func:`lower_border` reads, leaving out the
+costophrenic angle and the heart's edge, where a good mask's border is no diaphragm either."""
+FEATURES = ("lung_fraction", "unsure", "outside", "lower_border")
 """What :func:`features` measures of a mask, in this order: the share of the image the lungs
-cover, the share of the mask under :data:`SURE`, and the probability above :data:`OUTSIDE`
-outside the mask over the mask's area."""
+cover, the share of the mask under :data:`SURE`, the probability above :data:`OUTSIDE`
+outside the mask over the mask's area, and :func:`lower_border`."""
 RIDGE = 1.0
 """The ridge penalty on the standardised features' weights: measured at 1, 10 and 50 on the
-bundled model's validation split, the same to 0.005 in Spearman."""
-REVIEW_SHARE = 0.135
+bundled model's validation split, Spearman 0.649, 0.648 and 0.638 (at 256 px)."""
+REVIEW_SHARE = 0.14
 """The share of a model's own training images whose predicted Dice is below its cut
-(:class:`Calibration`): chosen on the bundled model's validation split to send at most 15% of it
-to review (the model card has the figures)."""
+(:class:`Calibration`): the largest, in steps of 0.005, that sends at most 15% of the bundled
+model's validation split to review (19 of 132; 0.145 sends 20)."""
 MIN_FILMS = 8
 """The fewest plausible training masks a calibration is fitted on."""
 
@@ -125,28 +132,60 @@ class Quality:
     implausible: bool = False
 
 
-def features(mask: np.ndarray, probability: np.ndarray) -> np.ndarray:
+def lower_border(image: np.ndarray, mask: np.ndarray) -> float:
+    """How much brighter the X-ray is just below a mask's lower border than just above it, in
+    grey levels (uint8 ``image`` and 0/1 ``mask``, the same size): per lung, the median over the
+    middle :data:`BORDER_COLUMNS` of its columns of the mean of the :data:`BORDER_BAND` rows
+    below its lowest pixel less the mean of those above (the image smoothed 3 x 3), and the
+    smaller of the lungs'. A lung that ends on the diaphragm ends dark above bright; a mask that
+    stops short of it (the lung behind the heart or an opacity left out: the bundled model's
+    poor masks) does not. 0 where no column can be read."""
+    smooth = cv2.GaussianBlur(image.astype(np.float32), (3, 3), 0)
+    rows = len(smooth)
+    band = np.arange(1, BORDER_BAND + 1)[:, None]
+    count, lungs = cv2.connectedComponents(mask.astype(np.uint8))
+    contrasts = []
+    for lung in range(1, count):
+        inside = lungs == lung
+        columns = np.flatnonzero(inside.any(axis=0))
+        low, high = np.quantile(columns, [(1 - BORDER_COLUMNS) / 2, (1 + BORDER_COLUMNS) / 2])
+        columns = columns[(columns >= low) & (columns <= high)]
+        bottom = rows - 1 - np.argmax(inside[::-1, columns], axis=0)
+        readable = (bottom >= BORDER_BAND) & (bottom < rows - 1 - BORDER_BAND)
+        bottom, columns = bottom[readable], columns[readable]
+        if not len(columns):
+            contrasts.append(0.0)
+            continue
+        below = smooth[bottom + band, columns].mean(axis=0)
+        above = smooth[bottom - band, columns].mean(axis=0)
+        contrasts.append(float(np.median(below - above)))
+    return min(contrasts, default=0.0)
+
+
+def features(mask: np.ndarray, probability: np.ndarray, image: np.ndarray) -> np.ndarray:
     """:data:`FEATURES` of a post-processed, plausible 0/1 ``mask`` drawn from ``probability``
-    (both at the model's size)."""
+    for the uint8 ``image`` the model saw (all three at the model's size)."""
     inside = mask > 0
     area = max(int(np.count_nonzero(inside)), 1)
     unsure = np.count_nonzero(inside & (probability < SURE)) / area
     left_out = probability[~inside]
     outside = float(left_out[left_out > OUTSIDE].sum()) / area
-    return np.array([area / mask.size, unsure, outside])
+    return np.array([area / mask.size, unsure, outside, lower_border(image, mask)])
 
 
-def calibrate(probabilities: np.ndarray, masks: np.ndarray, threshold: float) -> Calibration | None:
-    """A model's :class:`Calibration` from its probabilities of training images and their true
-    0/1 masks (``(n, size, size)`` each), over the images whose masks are plausible: the ridge
-    (penalty :data:`RIDGE`) of the Dice of each post-processed mask on its :func:`features`.
-    None where it has too little to fit: fewer than :data:`MIN_FILMS` plausible masks with a
-    ground truth that holds lung."""
+def calibrate(
+    images: np.ndarray, probabilities: np.ndarray, masks: np.ndarray, threshold: float
+) -> Calibration | None:
+    """A model's :class:`Calibration` from training images (uint8), its probabilities of them
+    and their true 0/1 masks (``(n, size, size)`` each), over the images whose masks are
+    plausible: the ridge (penalty :data:`RIDGE`) of the Dice of each post-processed mask on its
+    :func:`features`. None where it has too little to fit: fewer than :data:`MIN_FILMS`
+    plausible masks with a ground truth that holds lung."""
     rows, dice = [], []
-    for probability, truth in zip(probabilities, masks, strict=True):
+    for image, probability, truth in zip(images, probabilities, masks, strict=True):
         mask = imaging.postprocess(probability, threshold)
         if truth.any() and not implausible(mask):
-            rows.append(features(mask, probability))
+            rows.append(features(mask, probability, image))
             dice.append(confusion(mask, truth).dice)
     if len(rows) < MIN_FILMS:
         return None
@@ -167,12 +206,16 @@ def _said(name: str, value: float) -> str:
         "lung_fraction": f"lungs cover {value:.1%} of the image",
         "unsure": f"the model was unsure of {value:.0%} of the mask",
         "outside": f"probability outside the mask: {value:.0%} of its area",
+        "lower_border": f"little contrast at its lower border ({value:.0f} grey levels): it may "
+        "stop short of the diaphragm",
     }[name]
 
 
-def assess(mask: np.ndarray, probability: np.ndarray, calibration: Calibration) -> Quality:
-    """The quality of a post-processed 0/1 ``mask`` drawn from ``probability`` (both at the
-    model's size), for the model of ``calibration``: its predicted Dice, and
+def assess(
+    mask: np.ndarray, probability: np.ndarray, image: np.ndarray, calibration: Calibration
+) -> Quality:
+    """The quality of a post-processed 0/1 ``mask`` drawn from ``probability`` for ``image``
+    (all at the model's size), for the model of ``calibration``: its predicted Dice, and
     ``score`` = 1 / (1 + exp(-(dice - cut) / error)). An :func:`implausible` mask scores 0 and
     has no predicted Dice. A mask goes to review below the cut, and the reasons give the
     predicted Dice and name the features that lower it most (each at least half the largest
@@ -181,7 +224,7 @@ def assess(mask: np.ndarray, probability: np.ndarray, calibration: Calibration) 
     doubts = implausible(mask)
     if doubts:
         return Quality(None, 0.0, True, tuple(doubts), implausible=True)
-    measured = features(mask, probability)
+    measured = features(mask, probability, image)
     dice = calibration.dice(measured)
     margin = (dice - calibration.review_dice) / calibration.error
     score = 1 / (1 + math.exp(min(-margin, 700)))

@@ -218,7 +218,8 @@ class MaskWriter:
             if self.calibration is None:
                 doubts = qc.implausible(small)
             else:
-                quality = qc.assess(small, probability, self.calibration)
+                film = batch["image"][i]
+                quality = qc.assess(small, probability, film, self.calibration)
                 doubts = list(quality.reasons) if quality.implausible else []
             mask = imaging.resize_mask(small, height, width)
             split = imaging.lungs_split(small)
@@ -296,7 +297,8 @@ class Segmenter:
     Writing here, where the image's size is known and the probabilities are at hand, spares a
     stage of tasks (their processes and a trip through the object store); on a GPU node the
     GPU would wait for the few CPUs of its actor, so there ``writer`` is None and the batch
-    goes on with ``probability`` (uint8, 0-255) to :func:`write_masks` tasks.
+    goes on with ``probability`` (uint8, 0-255) and the ``image`` quality control reads to
+    :func:`write_masks` tasks.
 
     The model always sees ``batch_size`` images, the batch padded with black ones: TensorFlow's
     CPU kernels give an image results that differ in the last bits with the batch's size, and
@@ -327,7 +329,7 @@ class Segmenter:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray | list]:
         ok = batch["status"] == OK
-        out = {k: v for k, v in batch.items() if k != "image"}
+        out = dict(batch)  # the image stays: quality control reads it
         films = batch["image"][ok]
         with self.predicting:
             pipeline.inject_fault("segmenter", self.batches)

@@ -16,7 +16,7 @@ import zipfile
 from dataclasses import asdict, dataclass
 
 from lungseg.core.errors import UserError
-from lungseg.core.qc import Calibration
+from lungseg.core.qc import FEATURES, Calibration
 
 NOTES = "lungseg.json"
 """The entry of a ``.keras`` zip that holds lungseg's notes on the model: ``{"qc": ...}``, or
@@ -26,6 +26,10 @@ _TWO_VIEWS = ("disagreement", "uncertain", "review_risk", "films")
 _TWO_VIEWS_MISSING = (
     "its calibration is for the two-view quality control of an earlier lungseg; "
     "`lungseg train` makes a model with one"
+)
+_THREE_MEASURES_MISSING = (
+    f"its calibration weighs the 3 measures of an earlier lungseg (before the mask's lower "
+    f"border was one), not this one's {len(FEATURES)}; `lungseg train` makes a model with one"
 )
 
 
@@ -72,6 +76,8 @@ def describe(data: bytes, name: str = "model") -> ModelFile:
     qc = notes.get("qc")
     if isinstance(qc, dict) and set(qc) == set(_TWO_VIEWS):
         missing = _TWO_VIEWS_MISSING
+    elif isinstance(qc, dict) and _measures(qc) == 3:
+        missing = _THREE_MEASURES_MISSING
     elif qc is not None:
         try:
             calibration = Calibration(**qc)
@@ -80,6 +86,12 @@ def describe(data: bytes, name: str = "model") -> ModelFile:
                 f"{name}: its {NOTES} has no valid quality-control calibration"
             ) from exc
     return ModelFile(hashlib.sha256(data).hexdigest(), int(inputs[0][1]), calibration, missing)
+
+
+def _measures(qc: dict) -> int | None:
+    """How many measures a stored calibration weighs (None where it cannot be told)."""
+    weights = qc.get("weights")
+    return len(weights) if isinstance(weights, list) else None
 
 
 def with_calibration(data: bytes, calibration: Calibration | None, missing: str = "") -> bytes:

@@ -83,7 +83,7 @@ def calibrated(model: bytes, images: np.ndarray, masks: np.ndarray) -> bytes:
     batch = films[..., None].astype(np.float32)
     probability = network.predict(batch, batch_size=MODEL_BATCH["cpu"], verbose=0)
     probability = imaging.probability_bytes(probability[..., 0]) / 255.0
-    calibration = qc.calibrate(probability, masks[: len(films)], THRESHOLD)
+    calibration = qc.calibrate(films, probability, masks[: len(films)], THRESHOLD)
     missing = (
         f"the model drew fewer than {qc.MIN_FILMS} plausible lungs on its {len(films)} "
         "training films"

@@ -113,17 +113,19 @@ def _predict(model, films: np.ndarray, batch_size: int) -> np.ndarray:
 def _write_mask(
     path: str,
     image: np.ndarray,
+    film: np.ndarray,
     probability: np.ndarray,
     calibration: qc.Calibration,
     output: Path,
     labels: bool = False,
 ) -> None:
-    """What the job does with an image's probabilities: post-process and assess them at segment's
-    default threshold, resize the mask to the image, write its PNG, and with ``labels`` the
-    labels picture that tells the lungs apart (the job writes both; the loop, the mask alone)."""
+    """What the job does with an image's probabilities: post-process and assess them (with
+    ``film``, the image at the model's size) at segment's default threshold, resize the mask to
+    the image, write its PNG, and with ``labels`` the labels picture that tells the lungs apart
+    (the job writes both; the loop, the mask alone)."""
     threshold = SegmentConfig.threshold
     small = imaging.postprocess(probability, threshold)
-    qc.assess(small, probability, calibration)
+    qc.assess(small, probability, film, calibration)
     mask = imaging.resize_mask(small, *image.shape[:2])
     (output / f"{Path(path).stem}.png").write_bytes(imaging.encode_png(mask))
     if labels:
@@ -144,8 +146,8 @@ def plain_segment(paths: Sequence[str], model_uri: str, output: Path, batch_size
         images = [imaging.load_image(Path(p).read_bytes(), p) for p in chunk]
         batch = np.stack([imaging.resize_image(image, size) for image in images])
         probability = _predict(model, batch, batch_size)
-        for path, image, p in zip(chunk, images, probability, strict=True):
-            _write_mask(path, image, p, calibration, output)
+        for path, image, film, p in zip(chunk, images, batch, probability, strict=True):
+            _write_mask(path, image, film, p, calibration, output)
 
 
 def tfdata_segment(paths: Sequence[str], model_uri: str, output: Path, batch_size: int) -> None:
@@ -249,8 +251,8 @@ def stage_costs(
         predict = _cpu_seconds() - started
         output.mkdir(parents=True, exist_ok=True)
         started = _cpu_seconds()
-        for path, image, p in zip(paths, decoded, probability, strict=True):
-            _write_mask(path, image, p, calibration, output, labels)
+        for path, image, film, p in zip(paths, decoded, small, probability, strict=True):
+            _write_mask(path, image, film, p, calibration, output, labels)
         write = _cpu_seconds() - started
     finally:
         cv2.setNumThreads(threads)
