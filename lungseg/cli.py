@@ -269,8 +269,22 @@ def _train(config: TrainConfig, session: console.Session) -> int:
         span = f"epoch {first}" if first == last else f"epochs {first}-{last}"
         trained = f"trained {span} of {config.recipe.epochs} ({how}) in {console.duration(took)}"
     _say(f"{trained}; kept epoch {result.best_epoch}: {scores}")
+    if result.quality is not None:
+        _say(_quality_line("quality control on the validation split", result.quality))
     _say(f"model: {result.model}  table: {result.table}")
     return EXIT_IMAGES_FAILED if result.failed else EXIT_OK
+
+
+def _quality_line(what: str, qc: dict) -> str:
+    """One line of :func:`lungseg.core.qc.agreement`'s figures."""
+    caught = f"{qc['poor_in_review']} of {qc['poor']}" if qc["poor"] else "none"
+    auroc = f" (AUROC {qc['auroc_poor']:.3f})" if qc["auroc_poor"] is not None else ""
+    return (
+        f"{what}: {qc['review']} of {qc['scored']} to review ({qc['review_share']:.1%}), "
+        f"Spearman(qc_score, Dice) {qc['spearman_qc_score_dice'] or float('nan'):.3f}, "
+        f"qc_dice off by {qc['qc_dice_mae'] or float('nan'):.3f} on average, "
+        f"masks below Dice {qc['poor_dice_below']} in review: {caught}{auroc}"
+    )
 
 
 def _evaluate(config: EvaluateConfig, session: console.Session) -> int:
@@ -290,14 +304,7 @@ def _evaluate(config: EvaluateConfig, session: console.Session) -> int:
         )
     qc = summary["overall"]["quality_control"]
     if qc["scored"]:
-        caught = f"{qc['poor_in_review']} of {qc['poor']}" if qc["poor"] else "none"
-        _say(
-            f"quality control: {qc['review']} of {qc['scored']} to review "
-            f"({qc['review_share']:.1%}), Spearman(qc_score, Dice) "
-            f"{qc['spearman_qc_score_dice'] or float('nan'):.3f}, "
-            f"qc_dice off by {qc['qc_dice_mae'] or float('nan'):.3f} on average, "
-            f"masks below Dice {qc['poor_dice_below']} in review: {caught}"
-        )
+        _say(_quality_line("quality control", qc))
     failed = [row["id"] for row in summary["failed"]]
     named = f" ({first_few(failed)})" if failed else ""
     _say(

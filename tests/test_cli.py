@@ -12,7 +12,14 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from lungseg.cli import EXIT_IMAGES_FAILED, EXIT_USAGE, _config, build_parser, main
+from lungseg.cli import (
+    EXIT_IMAGES_FAILED,
+    EXIT_USAGE,
+    _config,
+    _quality_line,
+    build_parser,
+    main,
+)
 from lungseg.console import ConsoleProgress
 from lungseg.core.config import (
     BenchmarkConfig,
@@ -284,3 +291,15 @@ def test_a_local_ray_stops_with_its_job_every_process_of_it():
     assert len(pids.split()) >= 4  # the GCS, the raylet, the monitor, the dashboard's head...
     assert [pid for pid in pids.split() if Path(f"/proc/{pid}").exists()] == []
     assert "autoscaler" not in done.stderr.lower()
+
+
+def test_quality_control_s_figures_read_as_one_line():
+    figures = {"scored": 132, "review": 19, "review_share": 19 / 132, "qc_dice_mae": 0.0107}
+    figures |= {"spearman_qc_score_dice": 0.6661, "poor_dice_below": 0.93, "poor": 7}
+    figures |= {"poor_in_review": 2, "auroc_poor": 0.8101}
+    assert _quality_line("quality control", figures) == (
+        "quality control: 19 of 132 to review (14.4%), Spearman(qc_score, Dice) 0.666, qc_dice "
+        "off by 0.011 on average, masks below Dice 0.93 in review: 2 of 7 (AUROC 0.810)"
+    )
+    figures |= {"poor": 0, "poor_in_review": 0, "auroc_poor": None}
+    assert _quality_line("on 4", figures).endswith("in review: none")

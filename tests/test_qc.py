@@ -10,8 +10,7 @@ import pytest
 
 from lungseg.core import imaging, qc
 from lungseg.core.layout import OK, REVIEW
-from lungseg.core.metrics import ranks, spearman
-from lungseg.jobs.evaluate import POOR_DICE, quality_control
+from lungseg.core.metrics import auroc, ranks, spearman
 
 
 def lungs() -> np.ndarray:
@@ -182,6 +181,14 @@ def test_ranks_share_ties_and_spearman_is_exact() -> None:
     assert spearman([1, 1, 1], [1, 2, 3]) is None
 
 
+def test_auroc_is_the_share_of_pairs_ranked_right_ties_half() -> None:
+    assert auroc([0.9, 0.8, 0.1, 0.2], [True, True, False, False]) == 1.0
+    assert auroc([0.1, 0.8, 0.9, 0.2], [True, True, False, False]) == 0.25  # 1 of 4 pairs
+    assert auroc([0.5, 0.5, 0.5], [True, False, False]) == 0.5  # all tied
+    assert auroc([0.9, 0.5, 0.5], [False, True, False]) == 0.25  # a tie and a loss
+    assert auroc([0.1, 0.2], [True, True]) is None and auroc([], []) is None
+
+
 def test_quality_control_counts_the_poor_masks_review_caught() -> None:
     def row(dice, score, qc_, predicted=0.95):
         return {"dice": dice, "qc_dice": predicted, "qc_score": score, "qc": qc_}
@@ -195,14 +202,17 @@ def test_quality_control_counts_the_poor_masks_review_caught() -> None:
         row(None, 0.7, OK),  # no truth: not counted
         row(None, None, None, None),  # failed
     ]
-    figures = quality_control(rows)
+    figures = qc.agreement(rows)
     assert figures == {
         "scored": 5,
         "qc_dice_mae": pytest.approx(0.09 / 4),
         "spearman_qc_score_dice": pytest.approx(0.6),  # rank differences 0, 0, 0, 2, -2
+        # poor 0.92 (score 0.3) and 0.90 (0.6) against 0.97 (0.9), 0.96 (0.8), 0.95 (0.0): each
+        # scores under the first two and over the implausible mask, 4 of the 6 pairs right
+        "auroc_poor": pytest.approx(4 / 6),
         "review": 2,
         "review_share": 0.4,
-        "poor_dice_below": POOR_DICE,
+        "poor_dice_below": qc.POOR_DICE,
         "poor": 2,
         "poor_in_review": 1,
         "poor_caught_share": 0.5,

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lungseg.core import qc
+from lungseg.core import imaging, qc
 from lungseg.core.config import BUNDLED_MODEL, SAMPLE, ModelConfig, RecipeConfig, TrainConfig
 from lungseg.core.errors import UserError
 from lungseg.core.metrics import confusion
@@ -159,7 +159,37 @@ def test_single_process_run_writes_the_run_folder(tmp_path, caplog):
     assert record["qc_calibration"] is None
     assert describe((run / "model.keras").read_bytes()).calibration is None
     assert "has no quality-control calibration" in caplog.text
+    assert record["qc_validation"] is None and result.quality is None  # nothing to check with
+    assert "could not be checked" not in caplog.text  # the missing calibration says it all
     assert result.images == 16 and result.flagged == 10 and result.failed == 0
+
+
+def test_the_quality_check_measures_a_model_s_quality_control_on_its_validation_images():
+    bundled = Path(BUNDLED_MODEL).read_bytes()
+    images, masks, _ = load_arrays(
+        find_cases(SAMPLE, store=DEFAULT_STORE).cases, 256, DEFAULT_STORE
+    )
+    found = recipe.quality_check(bundled, images, masks)
+    # The sample is held out from the bundled model's training, as a validation split is.
+    assert found["scored"] == 16 and found["poor_dice_below"] == qc.POOR_DICE
+    assert 0 < found["qc_dice_mae"] < 0.03 and found["spearman_qc_score_dice"] > 0
+    assert found["review"] < 8
+    # The same figures from the masks and calibration by hand, at the model's size.
+    calibration = describe(bundled).calibration
+    probability = load_model(bundled).predict(images[..., None].astype(np.float32), verbose=0)
+    rows = []
+    for image, p, truth in zip(images, probability[..., 0], masks, strict=True):
+        p = np.round(p * 255) / 255  # the uint8 steps segment sees
+        mask = imaging.postprocess(p, 0.5)
+        quality = qc.assess(mask, p, image, calibration)
+        rows.append({"dice": confusion(mask, truth).dice, "qc_dice": quality.dice})
+    assert found["poor"] == sum(r["dice"] < qc.POOR_DICE for r in rows)
+    mae = np.mean([abs(r["qc_dice"] - r["dice"]) for r in rows])
+    assert found["qc_dice_mae"] == pytest.approx(mae, abs=1e-3)
+    # Nothing to check: a model without a calibration, or no lung in any validation mask.
+    assert recipe.quality_check(to_bytes(load_model(bundled)), images, masks) is None
+    assert recipe.quality_check(bundled, images, np.zeros_like(masks)) is None
+    assert recipe.quality_check(bundled, images[:0], masks[:0]) is None
 
 
 def test_a_trained_model_carries_its_quality_control_calibration_in_its_file():

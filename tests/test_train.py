@@ -50,3 +50,4 @@ def test_two_workers_train_then_resume(tmp_path):
     assert record["selected_epoch"] == recipe.best_epoch(resumed.history) == resumed.best_epoch
     assert record["model_sha256"] == describe((run / "model.keras").read_bytes()).sha256
     assert record["history"] == resumed.history
+    assert record["qc_validation"] == resumed.quality  # None where the model has no calibration

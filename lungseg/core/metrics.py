@@ -1,5 +1,5 @@
 """Per-image confusion counts, Dice and IoU in NumPy: what lands in the Parquet tables; and
-Spearman's rank correlation, for how well quality control foretells them.
+Spearman's rank correlation and the AUROC, for how well quality control foretells them.
 
 Both-empty masks (no lung in truth nor prediction) count as perfect agreement: Dice = IoU = 1.
 """
@@ -60,3 +60,15 @@ def spearman(x: list[float], y: list[float]) -> float | None:
     if len(x) < 2 or rx.std() == 0 or ry.std() == 0:
         return None
     return float(np.corrcoef(rx, ry)[0, 1])
+
+
+def auroc(scores: list[float], positive: list[bool]) -> float | None:
+    """The area under the ROC curve of ``scores`` for telling the ``positive`` items from the
+    others: the chance that a positive scores above a negative, ties counting half
+    (Mann-Whitney's U over both counts). None without both."""
+    flags = np.asarray(positive, bool)
+    positives, negatives = int(flags.sum()), int((~flags).sum())
+    if not positives or not negatives:
+        return None
+    above = ranks(scores)[flags].sum() - positives * (positives + 1) / 2
+    return float(above / (positives * negatives))

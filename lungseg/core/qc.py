@@ -21,12 +21,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from statistics import mean
 
 import cv2
 import numpy as np
 
 from lungseg.core import imaging
-from lungseg.core.metrics import confusion
+from lungseg.core.layout import REVIEW
+from lungseg.core.metrics import auroc, confusion, spearman
 
 LUNG_FRACTION = (0.04, 0.60)
 """The share of the image that plausible lungs cover: half the least and 1.4 times the most of
@@ -80,6 +82,8 @@ REVIEW_SHARE = 0.14
 model's validation split to review (19 of 132; 0.145 sends 20)."""
 MIN_FILMS = 8
 """The fewest plausible training masks a calibration is fitted on."""
+POOR_DICE = 0.93
+"""A mask below this Dice is a poor one, that quality control should send to review."""
 
 
 @dataclass(frozen=True)
@@ -245,3 +249,34 @@ def review_order(row: dict) -> tuple:
     """How a table's rows sent to review are listed: the lowest ``qc_dice`` first, implausible
     masks (none predicted) before all, then by id."""
     return (row["qc_dice"] is not None, row["qc_dice"] or 0.0, row["id"])
+
+
+def agreement(rows: list[dict]) -> dict:
+    """How well ``qc_dice``, ``qc_score`` and ``qc`` foretell the ``dice`` of the scored rows:
+    the mean absolute error of ``qc_dice`` (over the masks it predicts, all but the
+    implausible), Spearman's correlation of ``qc_score`` (implausible masks score 0) with the
+    Dice, the AUROC of a low ``qc_score`` for the masks below :data:`POOR_DICE`, the share sent
+    to review, and how many of those poor masks review caught."""
+    scored = [r for r in rows if r["dice"] is not None and r["qc_score"] is not None]
+    predicted = [r for r in scored if r["qc_dice"] is not None]
+    poor = [r for r in scored if r["dice"] < POOR_DICE]
+    review = [r for r in scored if r["qc"] == REVIEW]
+    caught = sum(r["qc"] == REVIEW for r in poor)
+    return {
+        "scored": len(scored),
+        "qc_dice_mae": mean(abs(r["qc_dice"] - r["dice"]) for r in predicted)
+        if predicted
+        else None,
+        "spearman_qc_score_dice": spearman(
+            [r["qc_score"] for r in scored], [r["dice"] for r in scored]
+        ),
+        "auroc_poor": auroc(
+            [-r["qc_score"] for r in scored], [r["dice"] < POOR_DICE for r in scored]
+        ),
+        "review": len(review),
+        "review_share": len(review) / len(scored) if scored else None,
+        "poor_dice_below": POOR_DICE,
+        "poor": len(poor),
+        "poor_in_review": caught,
+        "poor_caught_share": caught / len(poor) if poor else None,
+    }

@@ -13,7 +13,6 @@ from lungseg.core import qc
 from lungseg.core.config import EvaluateConfig
 from lungseg.core.errors import UserError
 from lungseg.core.layout import ERROR, REVIEW, SUMMARY_FILE
-from lungseg.core.metrics import spearman
 from lungseg.core.progress import Progress
 from lungseg.io.catalog import read_split
 from lungseg.io.storage import Store
@@ -23,8 +22,6 @@ from lungseg.stages import pipeline
 logger = logging.getLogger(__name__)
 
 WORST = 10
-POOR_DICE = 0.93
-"""A mask below this Dice is a poor one, that quality control should send to review."""
 
 
 def dataset_of(case_id: str) -> str:
@@ -40,40 +37,14 @@ def _stats(rows: list[dict]) -> dict:
         out[metric] = (
             {"mean": mean(values), "median": median(values), "min": min(values)} if values else None
         )
-    out["quality_control"] = quality_control(rows)
+    out["quality_control"] = qc.agreement(rows)
     return out
 
 
-def quality_control(rows: list[dict]) -> dict:
-    """How well ``qc_dice``, ``qc_score`` and ``qc`` (:mod:`lungseg.core.qc`) foretell the Dice
-    of the scored rows: the mean absolute error of ``qc_dice`` (over the masks it predicts, all
-    but the implausible), Spearman's correlation of ``qc_score`` (implausible masks score 0),
-    the share sent to review, and of the masks below :data:`POOR_DICE`, how many review caught."""
-    scored = [r for r in rows if r["dice"] is not None and r["qc_score"] is not None]
-    predicted = [r for r in scored if r["qc_dice"] is not None]
-    poor = [r for r in scored if r["dice"] < POOR_DICE]
-    review = [r for r in scored if r["qc"] == REVIEW]
-    caught = sum(r["qc"] == REVIEW for r in poor)
-    return {
-        "scored": len(scored),
-        "qc_dice_mae": mean(abs(r["qc_dice"] - r["dice"]) for r in predicted)
-        if predicted
-        else None,
-        "spearman_qc_score_dice": spearman(
-            [r["qc_score"] for r in scored], [r["dice"] for r in scored]
-        ),
-        "review": len(review),
-        "review_share": len(review) / len(scored) if scored else None,
-        "poor_dice_below": POOR_DICE,
-        "poor": len(poor),
-        "poor_in_review": caught,
-        "poor_caught_share": caught / len(poor) if poor else None,
-    }
-
-
 def summarise(rows: list[dict], model: str) -> dict:
-    """Mean/median/min Dice and IoU and the quality control's figures (:func:`quality_control`)
-    overall and per dataset, failures, the worst ids, and the images sent to review.
+    """Mean/median/min Dice and IoU and the quality control's figures
+    (:func:`lungseg.core.qc.agreement`) overall and per dataset, failures, the worst ids, and
+    the images sent to review.
 
     ``unscored`` lists the images segmented without a ground truth (``flagged`` when masks
     were given).

@@ -59,10 +59,13 @@ class EpochBatches(keras.utils.PyDataset):
 
 @dataclass(frozen=True)
 class FitResult:
-    """A single-process run: its history and the kept epoch's model as ``.keras`` bytes."""
+    """A single-process run: its history, the kept epoch's model as ``.keras`` bytes and how
+    well its quality control did on the validation split
+    (:func:`lungseg.model.recipe.quality_check`)."""
 
     history: list[dict]
     model: bytes
+    quality: dict | None = None
 
 
 def fit(
@@ -72,7 +75,8 @@ def fit(
     on_epoch: Callable[[dict], None] | None = None,
 ) -> FitResult:
     """Train with Keras in this process, every step of the recipe, the kept model calibrated
-    (:func:`lungseg.model.recipe.calibrated`) on the training images and masks.
+    on the training images and masks and its quality control checked on the validation ones
+    (:func:`lungseg.model.recipe.finished`).
 
     ``train`` and ``val`` are ``(images, masks)``: ``uint8`` arrays ``(n, size, size)`` of
     preprocessed X-rays and their 0/1 masks. ``on_epoch`` sees each history row as it is made.
@@ -112,7 +116,7 @@ def fit(
             best = to_bytes(model)
         if on_epoch is not None:
             on_epoch(row)
-    return FitResult(history=history, model=recipe.calibrated(best, *train))
+    return FitResult(history, *recipe.finished(best, train, val))
 
 
 def load_arrays(
@@ -165,4 +169,6 @@ def _fit(config: TrainConfig, data: TrainingData, claim: Claim, progress: Progre
     result = fit(arrays["train"], arrays["val"], config.recipe, show)
     progress.finish()
     trainer = f"single process, Keras {keras.__version__} on {keras.backend.backend()}"
-    return finish_run(config, claim, result.model, result.history, rows, trainer, statuses)
+    return finish_run(
+        config, claim, result.model, result.history, rows, trainer, statuses, result.quality
+    )

@@ -356,10 +356,17 @@ def _train(
         queue.shutdown()
         _tidy(store, claim.uri(CHECKPOINTS_DIR))
     model, history = _read_checkpoint(result.checkpoint)
-    columns = ["image", "mask"]
-    films = datasets["train"].limit(recipe.CALIBRATION_FILMS).select_columns(columns).take_all()
-    images, masks = (np.stack([row[key] for row in films]) for key in columns)
-    model = ray.get(ray.remote(recipe.calibrated).remote(model, images, masks))
+    train, val = (_arrays(datasets[name], config.recipe.model.size) for name in ("train", "val"))
+    model, quality = ray.get(ray.remote(recipe.finished).remote(model, train, val))
     trainer = f"Ray Train, {config.workers} workers"
     first = min(trained, default=len(history) + 1)
-    return finish_run(config, claim, model, history, rows, trainer, statuses, first)
+    return finish_run(config, claim, model, history, rows, trainer, statuses, quality, first)
+
+
+def _arrays(dataset, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """The first :data:`lungseg.model.recipe.CALIBRATION_FILMS` images and masks of a split,
+    as the arrays a trainer calibrates and checks its model on (empty ones for no images)."""
+    films = dataset.limit(recipe.CALIBRATION_FILMS).take_all()
+    if not films:
+        return np.zeros((0, size, size), np.uint8), np.zeros((0, size, size), np.uint8)
+    return tuple(np.stack([row[key] for row in films]) for key in ("image", "mask"))

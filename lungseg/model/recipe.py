@@ -24,7 +24,14 @@ import numpy as np
 from lungseg import __version__
 from lungseg.core import draw, imaging, qc
 from lungseg.core.config import MODEL_BATCH, THRESHOLD, RecipeConfig
-from lungseg.core.layout import CURVES_FILE, METRICS_FILE, MODEL_FILE, PROVENANCE_FILE
+from lungseg.core.layout import (
+    CURVES_FILE,
+    METRICS_FILE,
+    MODEL_FILE,
+    OK,
+    PROVENANCE_FILE,
+    REVIEW,
+)
 from lungseg.core.metrics import Confusion, confusion
 from lungseg.model import modelfile
 
@@ -33,7 +40,8 @@ COLUMNS = (
 )  # fmt: skip
 """One row of a run's history, as ``metrics.csv`` holds it (see :func:`score_validation`)."""
 CALIBRATION_FILMS = 512
-"""The most training images on which a trainer measures its model's calibration."""
+"""The most training images on which a trainer fits its model's calibration, and the most
+validation images on which it checks it (:func:`quality_check`)."""
 
 
 def learning_rate(recipe: RecipeConfig, epoch: int) -> float:
@@ -70,25 +78,68 @@ def score_validation(
     return float(np.mean([c.dice for c in cases])), float(np.mean([c.iou for c in cases]))
 
 
+def _probabilities(network, films: np.ndarray) -> np.ndarray:
+    """The model's probabilities of uint8 ``films`` at the uint8 steps ``segment`` sees."""
+    batch = films[..., None].astype(np.float32)
+    probability = network.predict(batch, batch_size=MODEL_BATCH["cpu"], verbose=0)
+    return imaging.probability_bytes(probability[..., 0]) / 255.0
+
+
 def calibrated(model: bytes, images: np.ndarray, masks: np.ndarray) -> bytes:
     """``model`` (``.keras`` bytes) with its :class:`lungseg.core.qc.Calibration` inside, fitted
     on the first :data:`CALIBRATION_FILMS` of ``images`` (uint8 ``(n, size, size)`` X-rays of its
-    training split) and their 0/1 ``masks``, at the probabilities' uint8 steps as ``segment``
-    sees them; where :func:`lungseg.core.qc.calibrate` has too little to fit, with why in its
-    place (:func:`lungseg.model.modelfile.with_calibration`)."""
+    training split) and their 0/1 ``masks``; where :func:`lungseg.core.qc.calibrate` has too
+    little to fit, with why in its place (:func:`lungseg.model.modelfile.with_calibration`)."""
     from lungseg.model.unet import load_model  # Keras, only where a model runs
 
-    network = load_model(model)
     films = images[:CALIBRATION_FILMS]
-    batch = films[..., None].astype(np.float32)
-    probability = network.predict(batch, batch_size=MODEL_BATCH["cpu"], verbose=0)
-    probability = imaging.probability_bytes(probability[..., 0]) / 255.0
+    probability = _probabilities(load_model(model), films)
     calibration = qc.calibrate(films, probability, masks[: len(films)], THRESHOLD)
     missing = (
         f"the model drew fewer than {qc.MIN_FILMS} plausible lungs on its {len(films)} "
         "training films"
     )
     return modelfile.with_calibration(model, calibration, "" if calibration else missing)
+
+
+def quality_check(model: bytes, images: np.ndarray, masks: np.ndarray) -> dict | None:
+    """How well the quality control of ``model`` (its calibration, inside the file) foretells
+    the Dice of its masks of the first :data:`CALIBRATION_FILMS` of ``images`` (uint8, the
+    run's validation split) against their 0/1 ``masks``, at the model's size: the figures of
+    :func:`lungseg.core.qc.agreement`, which ``evaluate`` reports too. None where there is
+    nothing to check: no calibration, or no validation image whose mask holds lung."""
+    from lungseg.model.unet import load_model  # Keras, only where a model runs
+
+    calibration = modelfile.describe(model).calibration
+    films, truths = images[:CALIBRATION_FILMS], masks[:CALIBRATION_FILMS]
+    keep = [i for i, truth in enumerate(truths) if truth.any()]
+    if calibration is None or not keep:
+        return None
+    films, truths = films[keep], truths[keep]
+    rows = []
+    for image, probability, truth in zip(
+        films, _probabilities(load_model(model), films), truths, strict=True
+    ):
+        mask = imaging.postprocess(probability, THRESHOLD)
+        quality = qc.assess(mask, probability, image, calibration)
+        rows.append(
+            {
+                "dice": confusion(mask, truth).dice,
+                "qc_dice": quality.dice,
+                "qc_score": quality.score,
+                "qc": REVIEW if quality.review else OK,
+            }
+        )
+    return qc.agreement(rows)
+
+
+def finished(
+    model: bytes, train: tuple[np.ndarray, np.ndarray], val: tuple[np.ndarray, np.ndarray]
+) -> tuple[bytes, dict | None]:
+    """The last step of every trainer: the kept ``model`` :func:`calibrated` on the ``train``
+    split's ``(images, masks)``, and its :func:`quality_check` on the ``val`` split's."""
+    model = calibrated(model, *train)
+    return model, quality_check(model, *val)
 
 
 def should_stop(history: Sequence[dict], patience: int) -> bool:
@@ -123,9 +174,11 @@ def provenance(
     model: modelfile.ModelFile,
     trainer: str,
     data: str,
+    quality: dict | None = None,
 ) -> dict:
-    """What made a model: recipe, split ids, history, the kept epoch, the model file's SHA-256
-    and quality-control calibration."""
+    """What made a model: recipe, split ids, history, the kept epoch, the model file's SHA-256,
+    its quality-control calibration and how well that did on the validation split
+    (``quality``, :func:`quality_check`)."""
     return {
         "lungseg": __version__,
         "trainer": trainer,
@@ -137,6 +190,7 @@ def provenance(
         "selection": f"highest validation Dice after post-processing at {THRESHOLD}",
         "model_sha256": model.sha256,
         "qc_calibration": None if model.calibration is None else asdict(model.calibration),
+        "qc_validation": quality,
     }
 
 

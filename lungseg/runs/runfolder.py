@@ -51,6 +51,7 @@ class TrainResult:
     flagged: int
     failed_ids: tuple[str, ...]  # the images that could not be read, in id order
     first_epoch: int = 1  # the first epoch trained by this run (after a resumed checkpoint's)
+    quality: dict | None = None  # quality control on the validation split (recipe.quality_check)
 
     @property
     def failed(self) -> int:
@@ -143,11 +144,14 @@ def finish_run(
     rows: list[dict],
     trainer: str,
     statuses: Counter[str],
+    quality: dict | None,
     first_epoch: int = 1,
 ) -> TrainResult:
     """Write the run folder's files (:func:`recipe.run_files`, with the provenance of the
     model) and ``config.json`` into the claimed run folder; the run's result. ``rows`` are
-    the images read, with their split; ``first_epoch`` the first epoch this run trained."""
+    the images read, with their split; ``quality`` how well the model's quality control did on
+    the validation split (:func:`recipe.quality_check`); ``first_epoch`` the first epoch this
+    run trained."""
     split = {
         name: [r["id"] for r in rows if r.get("split") == name and r["status"] == OK]
         for name in ("train", "val")
@@ -159,7 +163,12 @@ def finish_run(
             "with the bundled model's",
             found.calibration_missing,
         )
-    record = recipe.provenance(config.recipe, split, history, found, trainer, config.data)
+    elif quality is None:
+        logger.warning(
+            "the model's quality control could not be checked: no validation image with a "
+            "lung in its mask"
+        )
+    record = recipe.provenance(config.recipe, split, history, found, trainer, config.data, quality)
     for name, content in recipe.run_files(model, history, record).items():
         claim.write(name, content)
     claim.write(CONFIG_FILE, json.dumps(config.to_dict(), indent=2).encode())
@@ -174,6 +183,7 @@ def finish_run(
         flagged=statuses[FLAGGED],
         failed_ids=tuple(sorted(r["id"] for r in rows if r["status"] == ERROR)),
         first_epoch=first_epoch,
+        quality=quality,
     )
 
 
