@@ -3,6 +3,7 @@ values."""
 
 from __future__ import annotations
 
+import io
 import zlib
 
 import cv2
@@ -460,6 +461,31 @@ def test_flat_pictures_are_encoded_unfiltered_values_unchanged() -> None:
     ramp = np.tile(np.arange(0, 64, 8, dtype=np.uint8), (3, 1))  # a photograph's rows are filtered
     assert any(_row_filters(encode_image(ramp)))
     np.testing.assert_array_equal(decode(encode_image(ramp)), ramp)
+
+
+def test_flat_pngs_read_alike_in_every_reader() -> None:
+    """lungseg writes flat PNGs itself (ISA-L's deflate): OpenCV, Pillow and zlib must read
+    exactly the pixels OpenCV's own PNG of the same picture holds, at a film's size too."""
+    from PIL import Image
+
+    mask = np.zeros((2048, 1536), np.uint8)
+    cv2.ellipse(mask, (400, 1000), (250, 600), 0, 0, 360, 255, -1)
+    labels = (mask > 0).astype(np.uint8)
+    labels[:, 768:] *= 2
+    for picture in (mask, labels, np.zeros((1, 1), np.uint8), np.full((3, 7), 255, np.uint8)):
+        ours = encode_image(picture, flat=True)
+        opencv = cv2.imdecode(cv2.imencode(".png", picture)[1], cv2.IMREAD_UNCHANGED)
+        np.testing.assert_array_equal(cv2.imdecode(np.frombuffer(ours, np.uint8), -1), opencv)
+        with Image.open(io.BytesIO(ours)) as image:
+            assert image.mode == "L"
+            np.testing.assert_array_equal(np.asarray(image), picture)
+        assert _row_filters(ours) == [0] * picture.shape[0]
+
+
+@pytest.mark.parametrize("picture", [np.zeros((4, 4), np.uint16), np.zeros((4, 4, 3), np.uint8)])
+def test_flat_png_refuses_what_it_cannot_hold(picture: np.ndarray) -> None:
+    with pytest.raises(ValueError, match="2-D uint8"):
+        encode_image(picture, flat=True)
 
 
 def test_load_mask_merges_left_and_right() -> None:
