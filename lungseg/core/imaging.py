@@ -615,7 +615,6 @@ def right_columns(width: int, split: float) -> int:
     return math.ceil(split * width)
 
 
-_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 FLAT_LEVEL = 1
 """ISA-L's deflate level for :func:`encode_image`'s flat pictures: levels 1 and 2 cost and
 weigh the same on masks (level 0 stores runs less tightly, 3 costs 8x more)."""
@@ -641,7 +640,7 @@ def _flat_png(image: np.ndarray) -> bytes:
     pixels = isal_zlib.compress(rows, FLAT_LEVEL)
     return b"".join(
         (
-            _PNG_SIGNATURE,
+            PNG_MAGIC,
             _png_chunk(b"IHDR", header),
             _png_chunk(b"IDAT", pixels),
             _png_chunk(b"IEND", b""),
