@@ -201,6 +201,11 @@ def test_a_trained_model_carries_its_quality_control_calibration_in_its_file():
     )
     calibrated = recipe.calibrated(bare, images, masks)
     assert recipe.calibrated(bare, images, masks) == calibrated  # the same bytes for the same model
+    # A trainer's last step loads the model once for both steps and gives what they give apart.
+    halves = (images[:8], masks[:8]), (images[8:], masks[8:])
+    done, quality = recipe.finished(bare, *halves)
+    assert done == recipe.calibrated(bare, *halves[0])
+    assert quality is not None and quality == recipe.quality_check(done, *halves[1])
     found = describe(calibrated).calibration
     assert found is not None and found.films == len(images) == 16  # every mask plausible
     # The sample's 16 films are like the bundled model's training films: its calibration on

@@ -18,6 +18,7 @@ import json
 import math
 from collections.abc import Sequence
 from dataclasses import asdict
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -34,6 +35,9 @@ from lungseg.core.layout import (
 )
 from lungseg.core.metrics import Confusion, confusion
 from lungseg.model import modelfile
+
+if TYPE_CHECKING:
+    import keras
 
 COLUMNS = (
     "epoch", "learning_rate", "loss", "dice", "iou", "val_loss", "val_dice", "val_iou", "seconds"
@@ -78,22 +82,30 @@ def score_validation(
     return float(np.mean([c.dice for c in cases])), float(np.mean([c.iou for c in cases]))
 
 
-def _probabilities(network, films: np.ndarray) -> np.ndarray:
+def _probabilities(network: keras.Model, films: np.ndarray) -> np.ndarray:
     """The model's probabilities of uint8 ``films`` at the uint8 steps ``segment`` sees."""
     batch = films[..., None].astype(np.float32)
     probability = network.predict(batch, batch_size=MODEL_BATCH["cpu"], verbose=0)
     return imaging.probability_bytes(probability[..., 0]) / 255.0
 
 
-def calibrated(model: bytes, images: np.ndarray, masks: np.ndarray) -> bytes:
+def _network(model: bytes) -> keras.Model:
+    from lungseg.model.unet import load_model  # Keras, only where a model runs
+
+    return load_model(model)
+
+
+def calibrated(
+    model: bytes, images: np.ndarray, masks: np.ndarray, network: keras.Model | None = None
+) -> bytes:
     """``model`` (``.keras`` bytes) with its :class:`lungseg.core.qc.Calibration` inside, fitted
     on the first :data:`CALIBRATION_FILMS` of ``images`` (uint8 ``(n, size, size)`` X-rays of its
     training split) and their 0/1 ``masks``; where :func:`lungseg.core.qc.calibrate` has too
-    little to fit, with why in its place (:func:`lungseg.model.modelfile.with_calibration`)."""
-    from lungseg.model.unet import load_model  # Keras, only where a model runs
-
+    little to fit, with why in its place (:func:`lungseg.model.modelfile.with_calibration`).
+    ``network``: the model already loaded, where the caller has it (a load costs 0.4-0.5 s
+    here, and its first prediction traces the model again)."""
     films = images[:CALIBRATION_FILMS]
-    probability = _probabilities(load_model(model), films)
+    probability = _probabilities(network if network is not None else _network(model), films)
     calibration = qc.calibrate(films, probability, masks[: len(films)], THRESHOLD)
     missing = (
         f"the model drew fewer than {qc.MIN_FILMS} plausible lungs on its {len(films)} "
@@ -102,14 +114,15 @@ def calibrated(model: bytes, images: np.ndarray, masks: np.ndarray) -> bytes:
     return modelfile.with_calibration(model, calibration, "" if calibration else missing)
 
 
-def quality_check(model: bytes, images: np.ndarray, masks: np.ndarray) -> dict | None:
+def quality_check(
+    model: bytes, images: np.ndarray, masks: np.ndarray, network: keras.Model | None = None
+) -> dict | None:
     """How well the quality control of ``model`` (its calibration, inside the file) foretells
     the Dice of its masks of the first :data:`CALIBRATION_FILMS` of ``images`` (uint8, the
     run's validation split) against their 0/1 ``masks``, at the model's size: the figures of
     :func:`lungseg.core.qc.agreement`, which ``evaluate`` reports too. None where there is
-    nothing to check: no calibration, or no validation image whose mask holds lung."""
-    from lungseg.model.unet import load_model  # Keras, only where a model runs
-
+    nothing to check: no calibration, or no validation image whose mask holds lung.
+    ``network``: as for :func:`calibrated`."""
     calibration = modelfile.describe(model).calibration
     films, truths = images[:CALIBRATION_FILMS], masks[:CALIBRATION_FILMS]
     keep = [i for i, truth in enumerate(truths) if truth.any()]
@@ -118,7 +131,10 @@ def quality_check(model: bytes, images: np.ndarray, masks: np.ndarray) -> dict |
     films, truths = films[keep], truths[keep]
     rows = []
     for image, probability, truth in zip(
-        films, _probabilities(load_model(model), films), truths, strict=True
+        films,
+        _probabilities(network if network is not None else _network(model), films),
+        truths,
+        strict=True,
     ):
         mask = imaging.postprocess(probability, THRESHOLD)
         quality = qc.assess(mask, probability, image, calibration)
@@ -137,9 +153,11 @@ def finished(
     model: bytes, train: tuple[np.ndarray, np.ndarray], val: tuple[np.ndarray, np.ndarray]
 ) -> tuple[bytes, dict | None]:
     """The last step of every trainer: the kept ``model`` :func:`calibrated` on the ``train``
-    split's ``(images, masks)``, and its :func:`quality_check` on the ``val`` split's."""
-    model = calibrated(model, *train)
-    return model, quality_check(model, *val)
+    split's ``(images, masks)``, and its :func:`quality_check` on the ``val`` split's, loading
+    the model once for both (the calibration changes the file, not the weights)."""
+    network = _network(model)
+    model = calibrated(model, *train, network=network)
+    return model, quality_check(model, *val, network=network)
 
 
 def should_stop(history: Sequence[dict], patience: int) -> bool:
