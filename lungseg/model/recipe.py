@@ -82,17 +82,17 @@ def score_validation(
     return float(np.mean([c.dice for c in cases])), float(np.mean([c.iou for c in cases]))
 
 
-def _probabilities(network: keras.Model, films: np.ndarray) -> np.ndarray:
-    """The model's probabilities of uint8 ``films`` at the uint8 steps ``segment`` sees."""
+def _probabilities(model: bytes, films: np.ndarray, network: keras.Model | None) -> np.ndarray:
+    """The probabilities of ``model`` (``.keras`` bytes) of uint8 ``films`` at the uint8 steps
+    ``segment`` sees; ``network``: the model already loaded, where the caller has it (a load
+    costs 0.4-0.5 s here, and its first prediction traces the model again)."""
+    if network is None:
+        from lungseg.model.unet import load_model  # Keras, only where a model runs
+
+        network = load_model(model)
     batch = films[..., None].astype(np.float32)
     probability = network.predict(batch, batch_size=MODEL_BATCH["cpu"], verbose=0)
     return imaging.probability_bytes(probability[..., 0]) / 255.0
-
-
-def _network(model: bytes) -> keras.Model:
-    from lungseg.model.unet import load_model  # Keras, only where a model runs
-
-    return load_model(model)
 
 
 def calibrated(
@@ -102,10 +102,9 @@ def calibrated(
     on the first :data:`CALIBRATION_FILMS` of ``images`` (uint8 ``(n, size, size)`` X-rays of its
     training split) and their 0/1 ``masks``; where :func:`lungseg.core.qc.calibrate` has too
     little to fit, with why in its place (:func:`lungseg.model.modelfile.with_calibration`).
-    ``network``: the model already loaded, where the caller has it (a load costs 0.4-0.5 s
-    here, and its first prediction traces the model again)."""
+    ``network``: ``model`` already loaded, where the caller has it."""
     films = images[:CALIBRATION_FILMS]
-    probability = _probabilities(network if network is not None else _network(model), films)
+    probability = _probabilities(model, films, network)
     calibration = qc.calibrate(films, probability, masks[: len(films)], THRESHOLD)
     missing = (
         f"the model drew fewer than {qc.MIN_FILMS} plausible lungs on its {len(films)} "
@@ -130,12 +129,8 @@ def quality_check(
         return None
     films, truths = films[keep], truths[keep]
     rows = []
-    for image, probability, truth in zip(
-        films,
-        _probabilities(network if network is not None else _network(model), films),
-        truths,
-        strict=True,
-    ):
+    probabilities = _probabilities(model, films, network)
+    for image, probability, truth in zip(films, probabilities, truths, strict=True):
         mask = imaging.postprocess(probability, THRESHOLD)
         quality = qc.assess(mask, probability, image, calibration)
         rows.append(
@@ -155,7 +150,9 @@ def finished(
     """The last step of every trainer: the kept ``model`` :func:`calibrated` on the ``train``
     split's ``(images, masks)``, and its :func:`quality_check` on the ``val`` split's, loading
     the model once for both (the calibration changes the file, not the weights)."""
-    network = _network(model)
+    from lungseg.model.unet import load_model  # Keras, only where a model runs
+
+    network = load_model(model)
     model = calibrated(model, *train, network=network)
     return model, quality_check(model, *val, network=network)
 
