@@ -10,7 +10,15 @@ import pytest
 from keras import ops
 
 from lungseg.core.metrics import confusion
-from lungseg.model.unet import bce_dice_loss, build_unet, overlap_counts, with_precision
+from lungseg.model.unet import (
+    bce_dice_loss,
+    build_unet,
+    for_inference,
+    load_model,
+    overlap_counts,
+    to_bytes,
+    with_precision,
+)
 
 
 def _np(x) -> np.ndarray:
@@ -190,3 +198,15 @@ def test_with_precision_float32_is_the_model_and_others_are_refused() -> None:
     assert with_precision(model, "float32") is model
     with pytest.raises(ValueError, match="precision must be one of"):
         with_precision(model, "int8")
+
+
+def test_for_inference_compiles_float32_by_xla_with_the_same_probabilities() -> None:
+    model = build_unet(size=32, base_filters=4, depth=2)
+    films = np.random.default_rng(1).integers(0, 256, (4, 32, 32, 1)).astype(np.uint8)
+    plain = np.asarray(model.predict_on_batch(films))
+    compiled = for_inference(load_model(to_bytes(model)), "float32")  # no predict function yet
+    assert compiled.jit_compile is True
+    np.testing.assert_allclose(np.asarray(compiled.predict_on_batch(films)), plain, atol=1e-5)
+    assert (
+        for_inference(build_unet(size=32, base_filters=4, depth=2), "bfloat16").jit_compile is False
+    )

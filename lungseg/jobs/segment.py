@@ -316,10 +316,10 @@ class Segmenter:
         threads: int = 1,
         writer: MaskWriter | None = None,
     ) -> None:
-        from lungseg.model.unet import load_model, with_precision
+        from lungseg.model.unet import for_inference, load_model
 
         tensorflow_threads(threads)
-        self.model = with_precision(load_model(store.read_bytes(model)), precision)
+        self.model = for_inference(load_model(store.read_bytes(model)), precision)
         self.batch_size = batch_size
         self.batches = 0
         self.writer = writer

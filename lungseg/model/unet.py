@@ -75,6 +75,19 @@ def with_precision(model: keras.Model, precision: str) -> keras.Model:
     return rebuilt
 
 
+def for_inference(model: keras.Model, precision: str) -> keras.Model:
+    """``model`` as segment runs it: in ``precision`` (:func:`with_precision`), compiled by XLA
+    where that computes in float32. On a CPU, XLA's fused kernels cost 8% less per image than
+    TensorFlow's (the docs' performance page), for a compile of about 2 core-s at the first
+    batch; Keras already compiles by XLA on GPUs, and bfloat16 keeps oneDNN's bf16 kernels.
+    The model must then always see one batch shape (:class:`lungseg.jobs.segment.Segmenter`
+    pads), or it compiles again."""
+    model = with_precision(model, precision)
+    if precision == "float32":
+        model.jit_compile = True
+    return model
+
+
 def bce_dice_loss(truth, probability, smooth: float = 1.0):
     """Per-image loss, shape ``(batch,)``: binary cross-entropy plus (1 - soft Dice)."""
     truth = ops.cast(truth, probability.dtype)

@@ -228,15 +228,17 @@ def stage_costs(
     batch_size: int,
     precision: str,
     output: Path,
-    labels: bool,
+    job: bool,
     repeats: int = STEP_REPEATS,
 ) -> StageCosts:
-    """:class:`StageCosts` over ``paths`` (a batch or more of them), each step the least of
-    ``repeats`` timings; ``labels``: the job's labels picture is written too (not by the loop)."""
-    from lungseg.model.unet import with_precision
+    """:class:`StageCosts` over ``paths`` (whole batches of them), each step the least of
+    ``repeats`` timings. ``job``: the job's steps, its model as segment runs it
+    (:func:`lungseg.model.unet.for_inference`) and its labels picture written too; else the
+    loop's, the model as loaded in ``precision``."""
+    from lungseg.model.unet import for_inference, with_precision
 
     model, calibration = _load(model_uri)
-    model = with_precision(model, precision)
+    model = (for_inference if job else with_precision)(model, precision)
     size = int(model.input_shape[1])
     threads = cv2.getNumThreads()
     cv2.setNumThreads(1)
@@ -264,7 +266,7 @@ def stage_costs(
             seconds["model"].append(_cpu_seconds() - started)
             started = _cpu_seconds()
             for path, image, film, p in zip(paths, decoded, small, probability, strict=True):
-                _write_mask(path, image, film, p, calibration, output, labels)
+                _write_mask(path, image, film, p, calibration, output, job)
             seconds["write"].append(_cpu_seconds() - started)
     finally:
         cv2.setNumThreads(threads)
