@@ -23,6 +23,7 @@ from lungseg.jobs.benchmark import (
     tfdata_goal,
 )
 from lungseg.jobs.benchmark.baselines import StageCosts
+from lungseg.jobs.benchmark.sampler import Measurement
 from tests.conftest import SAMPLE_IDS, copy_sample
 
 
@@ -80,6 +81,13 @@ def test_replicate_resizes_to_hospital_films(tmp_path):
 def testtfdata_goal_by_image_count():
     goals = [tfdata_goal(n) for n in (4, 399, 400, 1999, 2000, 1_000_000)]
     assert goals == [0.9, 0.9, 0.9, 0.9, 1.0, 1.0]
+
+
+def test_profile_names_the_top_consumers_and_adds_up():
+    cpu = {"driver": 3.1, "raylet": 0.4, "gcs_server": 0.3, "agent": 0.1, "IDLE": 1.0}
+    run = Measurement(10.0, 10.0, cpu, 0, {})
+    assert run.profile(2) == "driver 3.1 s, IDLE 1.0 s, the rest (3) 0.8 s"
+    assert run.profile(5) == "driver 3.1 s, IDLE 1.0 s, raylet 0.4 s, gcs_server 0.3 s, agent 0.1 s"
 
 
 def test_stage_costs_sum_to_a_ceiling():

@@ -147,9 +147,14 @@ class Measurement:
         return sum(self.cpu.values()) / self.seconds
 
     def profile(self, top: int = 4) -> str:
-        """The ``top`` CPU consumers, e.g. ``driver 3.1 s, raylet 0.4 s``."""
-        ranked = sorted(self.cpu.items(), key=lambda item: -item[1])[:top]
-        return ", ".join(f"{title} {seconds:.1f} s" for title, seconds in ranked)
+        """The ``top`` CPU consumers and what the others spent together, so that the line adds
+        up to :attr:`cpu_seconds`: e.g. ``driver 3.1 s, raylet 0.4 s, the rest (5) 1.2 s``."""
+        ranked = sorted(self.cpu.items(), key=lambda item: -item[1])
+        line = ", ".join(f"{title} {seconds:.1f} s" for title, seconds in ranked[:top])
+        rest = ranked[top:]
+        if rest:
+            line += f", the rest ({len(rest)}) {sum(seconds for _, seconds in rest):.1f} s"
+        return line
 
     def memory_profile(self, top: int = 4) -> str:
         """The ``top`` holders of memory at the peak, e.g. ``raylet 2,100 MiB, driver 900 MiB``."""
