@@ -81,7 +81,8 @@ def for_inference(model: keras.Model, precision: str) -> keras.Model:
     TensorFlow's (the docs' performance page), for a compile of about 2 core-s at the first
     batch; Keras already compiles by XLA on GPUs, and bfloat16 keeps oneDNN's bf16 kernels.
     The model must then always see one batch shape (:class:`lungseg.jobs.segment.Segmenter`
-    pads), or it compiles again."""
+    pads), or it compiles again. In float32 this is ``model`` itself, so pass one not yet
+    called: Keras keeps the predict function of a model's first call, compiled or not."""
     model = with_precision(model, precision)
     if precision == "float32":
         model.jit_compile = True
