@@ -102,9 +102,11 @@ def test_benchmark_runs_every_stage_at_tiny_sizes(tmp_path, model_path, caplog):
     root = copy_sample(tmp_path / "data", SAMPLE_IDS[:2])
     caplog.set_level(logging.INFO, logger="lungseg")
     own = []  # whole-process sides measured when Ray is asked for: all of them, none after
+    so_far = []  # benchmark.json as a run stopped then would leave it
 
     def start_ray() -> None:
         own.append(sum("own process:" in r.getMessage() for r in caplog.records))
+        so_far.append(json.loads((tmp_path / "out" / "benchmark.json").read_text()))
 
     result = run_benchmark(
         BenchmarkConfig(
@@ -124,7 +126,25 @@ def test_benchmark_runs_every_stage_at_tiny_sizes(tmp_path, model_path, caplog):
         start_ray=start_ray,
     )
     assert own == [6] == [sum("own process:" in r.getMessage() for r in caplog.records)]
+    [partial] = so_far
+    assert partial["complete"] is False and partial["settings"]["rounds"] == 1
+    assert (
+        list(partial["whole_process"])
+        == list(partial["costs"])
+        == [
+            "hospital images (1024 px), 4",
+            "inference (512 px images)",
+        ]
+    )
+    for sides in partial["whole_process"].values():
+        assert list(sides) == [
+            "plain loop, own process",
+            "tf.data pipeline, own process",
+            "lungseg segment, own process",
+        ]
+        assert all(side["seconds"] > 0 and side["cores"] > 0 for side in sides.values())
     saved = json.loads(Path(result.json).read_text())
+    assert saved["complete"] is True
     stages = [row["stage"] for row in saved["rows"]]
     assert stages == [
         "hospital images (1024 px), 4, whole process",
