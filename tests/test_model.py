@@ -16,6 +16,7 @@ from lungseg.model.unet import (
     for_inference,
     load_model,
     overlap_counts,
+    predict_in_batches,
     to_bytes,
     with_precision,
 )
@@ -210,3 +211,13 @@ def test_for_inference_compiles_float32_by_xla_with_the_same_probabilities() -> 
     assert (
         for_inference(build_unet(size=32, base_filters=4, depth=2), "bfloat16").jit_compile is False
     )
+
+
+def test_predict_in_batches_gives_the_whole_stack_s_maps_with_a_short_last_batch() -> None:
+    model = build_unet(size=32, base_filters=4, depth=2)
+    films = np.random.default_rng(2).integers(0, 256, (5, 32, 32)).astype(np.uint8)
+    whole = np.asarray(model.predict_on_batch(films[..., None]))[..., 0]
+    maps = predict_in_batches(model, films, 2)  # batches of 2, 2 and 1
+    assert maps.shape == (5, 32, 32)
+    np.testing.assert_allclose(maps, whole, atol=1e-6)
+    assert predict_in_batches(model, films[:0], 2).shape == (0, 32, 32)

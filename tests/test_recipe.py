@@ -9,6 +9,7 @@ import zipfile
 from dataclasses import replace
 from pathlib import Path
 
+import keras
 import numpy as np
 import pytest
 
@@ -18,10 +19,17 @@ from lungseg.core.errors import UserError
 from lungseg.core.metrics import confusion
 from lungseg.io.catalog import find_cases
 from lungseg.io.storage import DEFAULT_STORE
-from lungseg.jobs.fit import fit, load_arrays, run_fit
+from lungseg.jobs.fit import epoch_batches, fit, load_arrays, run_fit, train_epoch
 from lungseg.model import recipe
 from lungseg.model.modelfile import NOTES, ModelFile, describe, with_calibration
-from lungseg.model.unet import load_model, to_bytes
+from lungseg.model.unet import (
+    bce_dice_loss,
+    build_unet,
+    dice_per_image,
+    iou_per_image,
+    load_model,
+    to_bytes,
+)
 from tests.conftest import SAMPLE_IDS
 
 
@@ -118,6 +126,41 @@ def _arrays(n: int, size: int = 32, seed: int = 0) -> tuple[np.ndarray, np.ndarr
         masks[k, top : top + 16, 4:12] = masks[k, top : top + 16, 20:28] = 1
     images[masks == 1] += 150
     return images, masks
+
+
+def test_an_epoch_s_batches_hold_every_image_once_in_the_epoch_s_own_order():
+    images, masks = _arrays(10)
+    settings = RecipeConfig(batch_size=4, augment=False)
+    batches = list(epoch_batches(images, masks, settings, 0))
+    assert [len(x) for x, _ in batches] == [4, 4, 2]
+    x = np.concatenate([x for x, _ in batches])[..., 0]
+    y = np.concatenate([y for _, y in batches])[..., 0]
+    order = [int(np.flatnonzero((images == film).all(axis=(1, 2)))[0]) for film in x]
+    assert sorted(order) == list(range(10)) and order != list(range(10))
+    assert x.dtype == np.float32 and np.array_equal(y, masks[order])
+    again = np.concatenate([b for b, _ in epoch_batches(images, masks, settings, 0)])
+    later = np.concatenate([b for b, _ in epoch_batches(images, masks, settings, 1)])
+    assert np.array_equal(again, np.concatenate([b for b, _ in batches]))
+    assert not np.array_equal(later, again)
+
+
+def test_an_epoch_reports_the_means_model_fit_reports_for_the_same_batches():
+    images, masks = (a[..., None].astype(np.float32) for a in _arrays(10))
+
+    def model():
+        keras.utils.set_random_seed(0)
+        network = build_unet(size=32, base_filters=4, depth=2)
+        network.compile(
+            optimizer=keras.optimizers.Adam(1e-3),
+            loss=bce_dice_loss,
+            metrics=[dice_per_image, iou_per_image],
+        )
+        return network
+
+    fitted = model().fit(images, masks, batch_size=4, shuffle=False, verbose=0).history
+    batches = [(images[i : i + 4], masks[i : i + 4]) for i in range(0, 10, 4)]
+    means = train_epoch(model(), batches)
+    assert means == pytest.approx({name: values[-1] for name, values in fitted.items()}, rel=1e-5)
 
 
 def test_fit_trains_keeps_the_epoch_best_epoch_picks_and_its_weights():

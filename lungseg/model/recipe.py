@@ -86,13 +86,12 @@ def _probabilities(model: bytes, films: np.ndarray, network: keras.Model | None)
     """The probabilities of ``model`` (``.keras`` bytes) of uint8 ``films`` at the uint8 steps
     ``segment`` sees; ``network``: the model already loaded, where the caller has it (a load
     costs 0.4-0.5 s here, and its first prediction traces the model again)."""
-    if network is None:
-        from lungseg.model.unet import load_model  # Keras, only where a model runs
+    from lungseg.model.unet import load_model, predict_in_batches  # Keras, where a model runs
 
+    if network is None:
         network = load_model(model)
-    batch = films[..., None].astype(np.float32)
-    probability = network.predict(batch, batch_size=MODEL_BATCH["cpu"], verbose=0)
-    return imaging.probability_bytes(probability[..., 0]) / 255.0
+    probability = predict_in_batches(network, films.astype(np.float32), MODEL_BATCH["cpu"])
+    return imaging.probability_bytes(probability) / 255.0
 
 
 def calibrated(

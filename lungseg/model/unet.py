@@ -89,6 +89,18 @@ def for_inference(model: keras.Model, precision: str) -> keras.Model:
     return model
 
 
+def predict_in_batches(model: keras.Model, images: np.ndarray, batch_size: int) -> np.ndarray:
+    """``model``'s probability maps ``(n, size, size)`` of ``images`` ``(n, size, size)``,
+    ``batch_size`` at a time by ``predict_on_batch``. Not ``model.predict``: on TensorFlow it
+    feeds arrays through an autotuned tf.data pipeline, whose end costs time (32 images at 128
+    px: a median 0.66 s a call against 0.33 s this way; the docs' performance page)."""
+    parts = [
+        keras.ops.convert_to_numpy(model.predict_on_batch(images[i : i + batch_size, ..., None]))
+        for i in range(0, len(images), batch_size)
+    ]
+    return np.concatenate(parts)[..., 0] if parts else np.zeros(images.shape, np.float32)
+
+
 def bce_dice_loss(truth, probability, smooth: float = 1.0):
     """Per-image loss, shape ``(batch,)``: binary cross-entropy plus (1 - soft Dice)."""
     truth = ops.cast(truth, probability.dtype)

@@ -100,16 +100,6 @@ def _load(model_uri: str) -> tuple:
     return load_model(data), segment.calibration(modelfile.describe(data), model_uri)[0]
 
 
-def _predict(model, films: np.ndarray, batch_size: int) -> np.ndarray:
-    """The model's probabilities for a stack of uint8 images, ``batch_size`` at a time."""
-    return np.concatenate(
-        [
-            np.asarray(model.predict_on_batch(films[i : i + batch_size, ..., None]))[..., 0]
-            for i in range(0, len(films), batch_size)
-        ]
-    )
-
-
 def _write_mask(
     path: str,
     image: np.ndarray,
@@ -138,6 +128,8 @@ def plain_segment(paths: Sequence[str], model_uri: str, output: Path, batch_size
     """The segmenting loop: load the model, then decode, preprocess, predict (float32, Keras'
     defaults) the images, post-process, assess
     (:func:`lungseg.core.qc.assess`) and write the masks batch by batch, in one process."""
+    from lungseg.model.unet import predict_in_batches
+
     model, calibration = _load(model_uri)
     size = int(model.input_shape[1])
     output.mkdir(parents=True, exist_ok=True)
@@ -145,7 +137,7 @@ def plain_segment(paths: Sequence[str], model_uri: str, output: Path, batch_size
         chunk = paths[start : start + batch_size]
         images = [imaging.load_image(Path(p).read_bytes(), p) for p in chunk]
         batch = np.stack([imaging.resize_image(image, size) for image in images])
-        probability = _predict(model, batch, batch_size)
+        probability = predict_in_batches(model, batch, batch_size)
         for path, image, film, p in zip(chunk, images, batch, probability, strict=True):
             _write_mask(path, image, film, p, calibration, output)
 
@@ -241,7 +233,7 @@ def stage_costs(
     ``repeats`` timings. ``job``: the job's steps, its model as segment runs it
     (:func:`lungseg.model.unet.for_inference`) and its labels picture written too; else the
     loop's, the model as loaded in ``precision``."""
-    from lungseg.model.unet import for_inference, with_precision
+    from lungseg.model.unet import for_inference, predict_in_batches, with_precision
 
     model, calibration = _load(model_uri)
     model = (for_inference if job else with_precision)(model, precision)
@@ -266,9 +258,10 @@ def stage_costs(
             )
             seconds["preprocess"].append(_cpu_seconds() - started)
             if repeat == 0:
-                _predict(model, small[:batch_size], batch_size)  # traced once, as in an actor
+                # traced once, as in an actor
+                predict_in_batches(model, small[:batch_size], batch_size)
             started = _cpu_seconds()
-            probability = _predict(model, small, batch_size)
+            probability = predict_in_batches(model, small, batch_size)
             seconds["model"].append(_cpu_seconds() - started)
             started = _cpu_seconds()
             for path, image, film, p in zip(paths, decoded, small, probability, strict=True):
