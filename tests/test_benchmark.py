@@ -78,7 +78,7 @@ def test_replicate_resizes_to_hospital_films(tmp_path):
     assert films[0].read_bytes() == films[2].read_bytes()
 
 
-def testtfdata_goal_by_image_count():
+def test_tfdata_goal_by_image_count():
     goals = [tfdata_goal(n) for n in (4, 399, 400, 1999, 2000, 1_000_000)]
     assert goals == [0.9, 0.9, 0.9, 0.9, 1.0, 1.0]
 

@@ -423,7 +423,7 @@ def run_benchmark(
                 )
             },
         }
-        whole, piped, kept = {}, {}, {}
+        whole, piped = {}, {}
         for stage in config.stages:
             for name, (folder, _) in films.get(stage, {}).items():
                 logger.info("%s, each side a process of its own:", name)
@@ -436,8 +436,7 @@ def run_benchmark(
                 piped[name] = measured["pipeline"]
                 sides = _whole_process_sides(config, folder, work)
                 whole[name] = alternate(config.rounds, sides)
-                kept[name] = dict(zip(sides, whole[name], strict=True))
-                _save_so_far(config, costs, kept)
+                _save_so_far(config, costs, whole, list(sides))
         if whole:
             _ray_start_seconds()  # timed once for the rows' notes, with no Ray running beside it
         start_ray()
@@ -480,19 +479,20 @@ def run_benchmark(
 
 
 def _save_so_far(
-    config: BenchmarkConfig, costs: dict, whole: dict[str, dict[str, Measurement]]
+    config: BenchmarkConfig, costs: dict, whole: dict[str, list[Measurement]], sides: list[str]
 ) -> None:
     """What is measured so far into ``output/benchmark.json``, marked ``"complete": false``:
-    the step costs and each whole-process side's best round, so that a run stopped before its
-    Ray rows (an hour at 400 and 2,000 films) keeps them. The finished run replaces it."""
+    the step costs and each whole-process side's best round (``whole``: by image set, in the
+    order of ``sides``), so that a run stopped before its Ray rows (an hour at 400 and 2,000
+    films) keeps them. The finished run replaces it."""
     os.makedirs(config.output, exist_ok=True)
-    sides = {
+    rounds = {
         name: {
             side: {"seconds": m.value, "cores": round(m.cores, 2), "profile": m.profile()}
-            for side, m in measured.items()
+            for side, m in zip(sides, measured, strict=True)
         }
         for name, measured in whole.items()
     }
-    so_far = {"complete": False, "costs": costs, "whole_process": sides}
+    so_far = {"complete": False, "costs": costs, "whole_process": rounds}
     with open(os.path.join(config.output, RESULT_FILE), "w") as f:
         json.dump(so_far | {"settings": config.to_dict()}, f, indent=2)
