@@ -90,7 +90,7 @@ def _probabilities(model: bytes, films: np.ndarray, network: keras.Model | None)
 
     if network is None:
         network = load_model(model)
-    probability = predict_in_batches(network, films.astype(np.float32), MODEL_BATCH["cpu"])
+    probability = predict_in_batches(network, films, MODEL_BATCH["cpu"])
     return imaging.probability_bytes(probability) / 255.0
 
 

@@ -457,7 +457,6 @@ def run_benchmark(
                 rows.append(_memory_row(config, sources, work))
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    os.makedirs(config.output, exist_ok=True)
     result = BenchmarkResult(
         rows=rows,
         costs=costs,
@@ -472,9 +471,7 @@ def run_benchmark(
         settings=config.to_dict(),
         json=os.path.join(config.output, RESULT_FILE),
     )
-    with open(result.json, "w") as f:
-        saved = {k: v for k, v in asdict(result).items() if k != "json"}
-        json.dump(saved | {"complete": True}, f, indent=2)
+    _write_result(config, {k: v for k, v in asdict(result).items() if k != "json"}, True)
     return result
 
 
@@ -485,7 +482,6 @@ def _save_so_far(
     the step costs and each whole-process side's best round (``whole``: by image set, in the
     order of ``sides``), so that a run stopped before its Ray rows (an hour at 400 and 2,000
     films) keeps them. The finished run replaces it."""
-    os.makedirs(config.output, exist_ok=True)
     rounds = {
         name: {
             side: {"seconds": m.value, "cores": round(m.cores, 2), "profile": m.profile()}
@@ -493,6 +489,12 @@ def _save_so_far(
         }
         for name, measured in whole.items()
     }
-    so_far = {"complete": False, "costs": costs, "whole_process": rounds}
+    so_far = {"costs": costs, "whole_process": rounds, "settings": config.to_dict()}
+    _write_result(config, so_far, False)
+
+
+def _write_result(config: BenchmarkConfig, result: dict, complete: bool) -> None:
+    """``result`` into ``output/benchmark.json``, with whether the run finished."""
+    os.makedirs(config.output, exist_ok=True)
     with open(os.path.join(config.output, RESULT_FILE), "w") as f:
-        json.dump(so_far | {"settings": config.to_dict()}, f, indent=2)
+        json.dump(result | {"complete": complete}, f, indent=2)
